@@ -208,7 +208,8 @@ def materialize(
             owner._parameters[attr] = nn.Parameter(new, requires_grad=False)
         else:
             owner._buffers[attr] = new
-    leftovers = [n for n, t in targets.items() if t.is_meta]
+    # Re-read the module: `targets` still holds the replaced meta tensors.
+    leftovers = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
     if leftovers:
         raise CheckpointError(f"{source}: {kind} tensors left unloaded: {leftovers[:MAX_LISTED_KEYS]}")
     return cov
