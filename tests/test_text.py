@@ -15,6 +15,7 @@ import torch
 
 from nsarm_nodes import text as text_mod
 from nsarm_nodes.config import DEFAULT_PROMPT
+from nsarm_nodes.testing import build_tiny_t5
 from nsarm_nodes.text import (
     MAX_TEXT_TOKENS,
     PromptCache,
@@ -25,36 +26,13 @@ from nsarm_nodes.text import (
     encode_prompts,
 )
 
-WORDS = "a high quality image with harmonious colors and rich details the of photo sharp cat dog on grass".split()
-CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-")
 PROMPTS = [DEFAULT_PROMPT, "a cat", "", "A sharp photo of a dog on the grass, rich colors!"]
-
-
-def _build_t5_folder(folder: Path, *, shard: bool = False) -> None:
-    from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [("\u2581" + w, -3.0) for w in WORDS]
-    vocab += [(c, -5.0) for c in CHARS] + [("\u2581" + c, -6.0) for c in CHARS]
-    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
-    tokenizer.save_pretrained(str(folder))
-    config = T5Config(
-        vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=1,
-        num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    )
-    gen = torch.Generator().manual_seed(0)
-    model = T5ForConditionalGeneration(config)
-    with torch.no_grad():
-        for p in model.parameters():  # deterministic, non-trivial weights
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    model.save_pretrained(str(folder), max_shard_size="20KB" if shard else "5GB")
 
 
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-flan-t5")
-    _build_t5_folder(folder)
+    build_tiny_t5(folder, d_model=32)
     return folder
 
 
@@ -178,7 +156,7 @@ def test_no_warning_at_exactly_512(encoder, reference):
 
 
 def test_sharded_weights(tmp_path, encoder):
-    _build_t5_folder(tmp_path, shard=True)
+    build_tiny_t5(tmp_path, d_model=32, shard=True)
     assert (tmp_path / "model.safetensors.index.json").is_file()
     sharded = T5TextEncoder(tmp_path, device="cpu")
     torch.testing.assert_close(sharded.encode(PROMPTS).kv_compact, encoder.encode(PROMPTS).kv_compact, atol=1e-6, rtol=0)

@@ -1,0 +1,260 @@
+"""NSARMPipeline: LR image(s) of any size -> 4x super-resolved image(s); model discovery.
+
+One 256x256 LR tile goes: VAE encoder -> transformation network -> 13-scale bitwise loop ->
+VAE decoder -> 1024x1024. Other sizes are tiled (256 px tiles with overlap, blended back), and the
+colour fix runs once on the stitched image against the whole LR image, so tiles cannot drift
+apart in colour.
+
+Images are ComfyUI IMAGE tensors: float [B, H, W, 3] in [0, 1].
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import colorfix, tiling
+from .config import DEFAULT_PROMPT, LR_SIZE, SCALE_FACTOR
+from .sampler import sample
+from .text import PromptCache, PromptEmbeds, T5TextEncoder, encode_prompts
+
+Progress = Callable[[int, int], None]
+
+
+class MissingModelsError(FileNotFoundError):
+    """Weight files are not where the pipeline looks; the message lists each and its source."""
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    role: str
+    subdir: str  # below the models folder (ComfyUI's models/ layout)
+    names: tuple[str, ...]  # accepted file (or folder) names, preferred first
+    size: str
+    md5: str
+    source: str
+
+
+WEIGHTS = (
+    WeightFile(
+        "transformer", "nsarm", ("NSARM.safetensors", "NSARM_bf16.safetensors", "NSARM.pth"),
+        "~35 GB (fp32 .pth; 17.5 GB as bf16 safetensors)", "16905db52d64fd44c365b6a963a6598d (NSARM.pth)",
+        "NSARM README (github.com/Xiangtaokong/NSARM): Google Drive folder 1AFTGsTjvvaQvjzlG7x606tFJdmi-9n_4 "
+        "or Baidu Drive (key eqhc); join the parts with `cat NSARM_part_* > NSARM.pth`",
+    ),
+    WeightFile(
+        "vae", "nsarm", ("infinity_vae_d56_f8_14_patchify.safetensors", "infinity_vae_d56_f8_14_patchify.pth"),
+        "~0.33 GB", "-", "huggingface.co/FoundationVision/Infinity (infinity_vae_d56_f8_14_patchify.pth)",
+    ),
+    WeightFile(
+        "text encoder", "text_encoders", ("flan-t5-xl",), "~9 GB folder (fp32 shards) or ~4.7 GB (fp16)", "-",
+        "huggingface.co/google/flan-t5-xl (config, tokenizer and weights in one folder)",
+    ),
+)
+
+
+def find_weight(models_dir: Path, spec: WeightFile) -> Path | None:
+    for name in spec.names:
+        for base in (models_dir / spec.subdir, models_dir):
+            if (base / name).exists():
+                return base / name
+    return None
+
+
+def missing_models_message(models_dir: Path, roles: Sequence[str]) -> str:
+    lines = [f"NSARM weights missing under {models_dir}:"]
+    for spec in WEIGHTS:
+        if spec.role in roles:
+            where = models_dir / spec.subdir / spec.names[0]
+            lines.append(
+                f"  - {spec.role}: expected {where} (also accepted: {', '.join(spec.names[1:]) or '-'}); "
+                f"size {spec.size}; md5 {spec.md5}; get it from {spec.source}"
+            )
+    return "\n".join(lines)
+
+
+def check_models(models_dir: str | os.PathLike) -> tuple[str, bool]:
+    """A report of which weight files are present (path, size, format) and what is missing."""
+    root = Path(models_dir)
+    rows, missing = [], []
+    for spec in WEIGHTS:
+        path = find_weight(root, spec)
+        if path is None:
+            missing.append(spec.role)
+            continue
+        if path.is_dir():
+            size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+            fmt = "folder"
+        else:
+            size, fmt = path.stat().st_size, path.suffix.lstrip(".")
+        rows.append(f"  ok  {spec.role:<13} {path}  ({size / 1e9:.2f} GB, {fmt})")
+    report = "\n".join(rows)
+    if missing:
+        report = "\n".join(filter(None, [report, missing_models_message(root, missing)]))
+    return report, not missing
+
+
+def images_to_unit(images: torch.Tensor, name: str = "images") -> torch.Tensor:
+    """IMAGE [B, H, W, 3] in [0, 1] -> [B, 3, H, W] in [-1, 1] (x * 2 - 1, as upstream)."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"{name} must be an IMAGE batch [B, H, W, 3], got {getattr(images, 'shape', type(images))}")
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{name} contains NaN or infinite values; check the node that produced it")
+    return images.float().clamp(0, 1).permute(0, 3, 1, 2) * 2 - 1
+
+
+def unit_to_images(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1] -> IMAGE [B, H, W, 3] in [0, 1]."""
+    return ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """IMAGE [B, H, W, 3] in [0, 1] -> uint8 by truncation (upstream and ComfyUI SaveImage)."""
+    return images.clamp(0, 1).mul(255).to(torch.uint8)
+
+
+def resize_output(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Antialiased bicubic resampling of IMAGE [B, H, W, 3] to (height, width)."""
+    if tuple(images.shape[1:3]) == (height, width):
+        return images
+    x = F.interpolate(images.permute(0, 3, 1, 2), size=(height, width), mode="bicubic",
+                      align_corners=False, antialias=True)
+    return x.clamp(0, 1).permute(0, 2, 3, 1).contiguous()
+
+
+class NSARMPipeline:
+    """The programmatic API: `NSARMPipeline(transformer, vae, ...)(images, prompt=..., seed=...)`."""
+
+    def __init__(self, transformer, vae, text_encoder: T5TextEncoder | None = None,
+                 prompt_cache: PromptCache | None = None):
+        if transformer.map_net is None:
+            raise ValueError("the transformer has no transformation network: load NSARM.pth, not plain Infinity")
+        self.transformer, self.vae = transformer, vae
+        self.text_encoder, self.prompt_cache = text_encoder, prompt_cache
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.pos_start.device
+
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
+        return encode_prompts(list(prompts), self.text_encoder, self.prompt_cache)
+
+    @torch.no_grad()
+    def encode_lr(self, images: torch.Tensor) -> torch.Tensor:
+        """LR IMAGE [B, 256, 256, 3] -> raw VAE features [B, d, 32, 32] float32."""
+        if tuple(images.shape[1:3]) != (LR_SIZE, LR_SIZE):
+            raise ValueError(
+                f"the NSARM encoder takes {LR_SIZE}x{LR_SIZE} LR images, got {tuple(images.shape[1:3])}; "
+                f"tile larger or smaller images first (NSARMTile / NSARMUpscale do this)"
+            )
+        x = images_to_unit(images).to(self.device)
+        return self.vae.encode_features(x.to(next(self.vae.parameters()).dtype))
+
+    @torch.no_grad()
+    def decode(self, summed_codes: torch.Tensor) -> torch.Tensor:
+        """Latent [B, d, 128, 128] -> IMAGE [B, 1024, 1024, 3] in [0, 1]."""
+        z = summed_codes.to(self.device, next(self.vae.parameters()).dtype)
+        return unit_to_images(self.vae.decode(z))
+
+    @torch.no_grad()
+    def upscale_tiles(self, tiles: torch.Tensor, text: PromptEmbeds, *, seeds: Sequence[int],
+                      batch_size: int = 1, progress: Progress | None = None, **sampling) -> torch.Tensor:
+        """256x256 tiles [N, 256, 256, 3] -> [N, 1024, 1024, 3] (no colour fix), `batch_size` at a
+        time through the transformer. `text` has one prompt per tile; `seeds` one seed per tile."""
+        outs = []
+        n_chunks = -(-tiles.shape[0] // batch_size)
+        for c, start in enumerate(range(0, tiles.shape[0], batch_size)):
+            idx = list(range(start, min(start + batch_size, tiles.shape[0])))
+
+            def step(si: int, n: int, c=c) -> None:
+                if progress:
+                    progress(c * n + si + 1, n_chunks * n)
+
+            feats = self.encode_lr(tiles[idx])
+            res = sample(self.transformer, self.vae, text.select(idx), feats,
+                         seed=[seeds[i] for i in idx], progress=step, **sampling)
+            outs.append(self.decode(res.summed_codes).cpu())
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        images: torch.Tensor,
+        prompt: str | Sequence[str] = DEFAULT_PROMPT,
+        seed: int = 1,
+        *,
+        tau: float = 0.5,
+        top_p: float = 0.97,
+        cfg: float = 1.0,
+        next_scale_mode: str = "area",
+        negative_prompt: str | None = None,
+        color_fix: str = "adain+wavelet",
+        tile_overlap: int = 32,
+        tile_batch_size: int = 1,
+        blend: str = "cosine",
+        output_scale: float = SCALE_FACTOR,
+        max_tiles: int | None = None,
+        progress: Progress | None = None,
+    ) -> torch.Tensor:
+        """IMAGE [B, H, W, 3] of any size -> IMAGE [B, round(H*s), round(W*s), 3], s = output_scale.
+
+        Tile k of every image is sampled with seed + k (a 256x256 image uses `seed` itself), so an
+        image gives the same result alone or in a batch. `prompt` is one prompt or one per image.
+        """
+        images_to_unit(images)  # validates shape and finiteness before any work
+        B, H, W, _ = images.shape
+        prompts = [prompt] * B if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != B:
+            raise ValueError(f"got {len(prompts)} prompts for {B} images; give one prompt or one per image")
+        grid = tiling.plan(H, W, LR_SIZE, tile_overlap, batch=B)
+        if max_tiles is not None and grid.num_tiles > max_tiles:
+            raise ValueError(
+                f"{B} image(s) of {W}x{H} need {grid.num_tiles} tiles of {LR_SIZE}px (limit {max_tiles}); "
+                f"each tile is a full 1024x1024 NSARM run. Downscale the input, raise the limit, or lower the overlap"
+            )
+        tiles, grid = tiling.tile(images.float(), LR_SIZE, tile_overlap)
+        n = grid.tiles_per_image
+        text = self.encode_prompts(prompts).repeat(n)  # one prompt per tile, image-major
+        seeds = [seed + k for _ in range(B) for k in range(n)]
+        negative = None
+        if negative_prompt is not None and cfg != 1.0:
+            negative = self.encode_prompts([negative_prompt])
+        sr = self.upscale_tiles(tiles, text, seeds=seeds, batch_size=tile_batch_size, progress=progress,
+                                tau=tau, top_p=top_p, cfg=cfg, next_scale_mode=next_scale_mode,
+                                negative_text=negative)
+        out = tiling.untile(sr, grid, blend)
+        if color_fix != "none":
+            fixed = colorfix.color_fix(out.permute(0, 3, 1, 2), images.float().permute(0, 3, 1, 2).to(out.device),
+                                       color_fix)
+            out = fixed.permute(0, 2, 3, 1).contiguous()
+        return resize_output(out, round(H * output_scale), round(W * output_scale))
+
+
+def load_pipeline(models_dir: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
+                  text_encoder: bool = True) -> NSARMPipeline:
+    """Find and load NSARM.pth (or safetensors), the d56 VAE and Flan-T5-XL under `models_dir`.
+
+    Layout (ComfyUI's): models_dir/nsarm/NSARM.pth, models_dir/nsarm/infinity_vae_d56_f8_14_patchify.pth,
+    models_dir/text_encoders/flan-t5-xl/. Prompt embeddings are cached in models_dir/nsarm/prompt_cache.
+    With text_encoder=False only cached prompts can be used. Raises MissingModelsError listing
+    what is missing and where to get it.
+    """
+    from .transformer import load_transformer
+    from .vae import load_vae
+
+    root = Path(models_dir)
+    found = {spec.role: find_weight(root, spec) for spec in WEIGHTS}
+    needed = ["transformer", "vae"] + (["text encoder"] if text_encoder else [])
+    missing = [r for r in needed if found[r] is None]
+    if missing:
+        raise MissingModelsError(missing_models_message(root, missing))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    transformer = load_transformer(found["transformer"], device=device, dtype=dtype)
+    vae = load_vae(found["vae"], device=device)
+    encoder = T5TextEncoder(found["text encoder"], device=device) if text_encoder else None
+    cache = PromptCache(root / "nsarm" / "prompt_cache")
+    return NSARMPipeline(transformer, vae, encoder, cache)
