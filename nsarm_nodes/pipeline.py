@@ -202,8 +202,9 @@ class NSARMPipeline:
     ) -> torch.Tensor:
         """IMAGE [B, H, W, 3] of any size -> IMAGE [B, round(H*s), round(W*s), 3], s = output_scale.
 
-        Tile k of every image is sampled with seed + k (a 256x256 image uses `seed` itself), so an
-        image gives the same result alone or in a batch. `prompt` is one prompt or one per image.
+        Tile i of the whole tile batch (image-major, raster order) is sampled with seed + i, as in the
+        composable node chain (NSARMTile -> ... -> NSARMBitwiseDecode); a single 256x256 image uses
+        `seed` itself. `prompt` is one prompt or one per image.
         """
         images_to_unit(images)  # validates shape and finiteness before any work
         B, H, W, _ = images.shape
@@ -219,7 +220,7 @@ class NSARMPipeline:
         tiles, grid = tiling.tile(images.float(), LR_SIZE, tile_overlap)
         n = grid.tiles_per_image
         text = self.encode_prompts(prompts).repeat(n)  # one prompt per tile, image-major
-        seeds = [seed + k for _ in range(B) for k in range(n)]
+        seeds = [seed + i for i in range(B * n)]
         negative = None
         if negative_prompt is not None and cfg != 1.0:
             negative = self.encode_prompts([negative_prompt])

@@ -85,6 +85,27 @@ def sample_bits(
     return bits.to(torch.uint8)
 
 
+def transformation_bits(transformer, lr_features: torch.Tensor,
+                        schedule: list[tuple[int, int]] | None = None) -> list[torch.Tensor]:
+    """NSARM's replaced scales: the transformation network's outputs for raw LR features
+    [B, d, 32, 32], BSQ-quantised after upstream's reshape -> latent bits uint8 [B, d, s, s] each."""
+    if transformer.map_net is None:
+        raise ValueError(
+            "this checkpoint has no transformation network (map_transformer.*): it is plain Infinity, "
+            "not NSARM; load NSARM.pth to super-resolve an LR image"
+        )
+    sizes = vae_scales(schedule or scale_schedule(1.0, "1M"), transformer.cfg.patchify)
+    device = transformer.pos_start.device
+    with torch.no_grad():
+        outs = transformer.map_net(lr_features.to(device).float())
+    bits = []
+    for si, out in enumerate(outs):
+        if si >= len(sizes) or sizes[si][0] != sizes[si][1] or out.shape[1] != sizes[si][0] ** 2:
+            raise ValueError(f"transformation network output {si} does not fit scale {sizes[si] if si < len(sizes) else '-'}")
+        bits.append(map_outputs_to_bits(out, sizes[si][0]))
+    return bits
+
+
 def _generators(seed, batch: int, device) -> list[torch.Generator]:
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * batch
     if len(seeds) != batch:
@@ -100,6 +121,7 @@ def sample(
     lr_features: torch.Tensor | None = None,
     *,
     seed: int | Sequence[int],
+    replaced_bits: Sequence[torch.Tensor] | None = None,
     tau: float = 0.5,
     top_p: float = 0.97,
     cfg: float = 1.0,
@@ -116,6 +138,7 @@ def sample(
     text: PromptEmbeds or (kv_compact [T, Ct], cu_seqlens int32 [B+1]); a single prompt is
     broadcast over a larger `lr_features` batch. lr_features: raw VAE features of the LR images
     [B, d, 32, 32]; when given, the first K scales come from the transformation network.
+    replaced_bits: precomputed `transformation_bits` (instead of lr_features).
     seed: one seed for every item, or one per item (item b with seed s gives the same result as a
     batch of one with seed s). forced_bits: per-scale token bits that replace the model's choice
     (teacher forcing), None entries sample. progress(si, n_scales) is called after each scale and
@@ -142,24 +165,17 @@ def sample(
     kv, cu = _text_features(text)
     kv, cu = kv.to(device), cu.to(device=device, dtype=torch.int32)
     B = len(cu) - 1
-    replaced: list[torch.Tensor] = []  # latent bits [B, d, 2h, 2w] of the first K scales
-    if lr_features is not None:
-        if transformer.map_net is None:
-            raise ValueError(
-                "this checkpoint has no transformation network (map_transformer.*): it is plain Infinity, "
-                "not NSARM; load NSARM.pth to super-resolve an LR image"
-            )
-        lr_features = lr_features.to(device)
-        if B == 1 and lr_features.shape[0] > 1:
-            kv, cu = _repeat_packed(kv, cu, lr_features.shape[0])
-            B = lr_features.shape[0]
-        if lr_features.shape[0] != B:
-            raise ValueError(f"{lr_features.shape[0]} LR images but {B} prompts; give one prompt or one per image")
-        outs = transformer.map_net(lr_features.float())
-        for si, out in enumerate(outs):
-            if si >= n_scales or sizes[si][0] != sizes[si][1] or out.shape[1] != sizes[si][0] ** 2:
-                raise ValueError(f"transformation network output {si} does not fit scale {schedule[si]}")
-            replaced.append(map_outputs_to_bits(out, sizes[si][0]))
+    if lr_features is not None and replaced_bits is None:
+        replaced_bits = transformation_bits(transformer, lr_features, schedule)
+    replaced = list(replaced_bits or [])  # latent bits [B, d, 2h, 2w] of the first K scales
+    if replaced:
+        n_items = replaced[0].shape[0]
+        if B == 1 and n_items > 1:
+            kv, cu = _repeat_packed(kv, cu, n_items)
+            B = n_items
+        if n_items != B:
+            raise ValueError(f"{n_items} LR images but {B} prompts; give one prompt or one per image")
+        replaced = [b.to(device) for b in replaced]
     K = len(replaced)
     generators = _generators(seed, B, device)
 
@@ -177,7 +193,8 @@ def sample(
     bs = 2 * B if use_cfg else B
     cond = transformer.condition(kv, cu)
     cos_all, sin_all = transformer.rope(schedule, device)
-    caches = transformer.new_caches(bs, sum(counts[:-1]), device)
+    # The last scale's keys/values are never read again; prefill stores all K replaced scales.
+    caches = transformer.new_caches(bs, sum(counts[: max(K if prefill else 0, n_scales - 1)]), device)
     lvl = transformer.lvl_embed.weight.float()
 
     summed = torch.zeros(B, cfgm.codebook_dim, *full, device=device)
