@@ -240,7 +240,7 @@ def load_pipeline(models_dir: str | os.PathLike, device=None, dtype: torch.dtype
     """Find and load NSARM.pth (or safetensors), the d56 VAE and Flan-T5-XL under `models_dir`.
 
     Layout (ComfyUI's): models_dir/nsarm/NSARM.pth, models_dir/nsarm/infinity_vae_d56_f8_14_patchify.pth,
-    models_dir/text_encoders/flan-t5-xl/. Prompt embeddings are cached in models_dir/nsarm/prompt_cache.
+    models_dir/text_encoders/flan-t5-xl/. Prompt embeddings are cached in models_dir/nsarm_prompt_cache (as inside ComfyUI).
     With text_encoder=False only cached prompts can be used. Raises MissingModelsError listing
     what is missing and where to get it.
     """
@@ -257,5 +257,5 @@ def load_pipeline(models_dir: str | os.PathLike, device=None, dtype: torch.dtype
     transformer = load_transformer(found["transformer"], device=device, dtype=dtype)
     vae = load_vae(found["vae"], device=device)
     encoder = T5TextEncoder(found["text encoder"], device=device) if text_encoder else None
-    cache = PromptCache(root / "nsarm" / "prompt_cache")
+    cache = PromptCache(root / "nsarm_prompt_cache")
     return NSARMPipeline(transformer, vae, encoder, cache)

@@ -1,0 +1,535 @@
+"""ComfyUI nodes for NSARM (V1 node API: INPUT_TYPES / RETURN_TYPES / FUNCTION / CATEGORY).
+
+Thin glue over the `nsarm_nodes` library. Node ids and input names are stable forever; new inputs
+are only appended as optional. The same classes run outside ComfyUI (the headless runner loads
+this file by path): then models come from $NSARM_MODELS_DIR (ComfyUI's models/ layout) and the
+device is plain torch's.
+
+Custom types (immutable once returned; ComfyUI caches and shares outputs):
+  NSARM_MODEL   NSARMModel: transformer + VAE (+ lazy T5 and the prompt cache)
+  NSARM_COND    text.PromptEmbeds: packed prompt features
+  NSARM_SCALES  LRScales: the transformation network's bits of the 7 replaced scales + the LR images
+  NSARM_LATENT  NSARMLatent: summed codes [B, 14, 128, 128] (the decoder input)
+  NSARM_TILES   tiling.TileGrid: where each tile came from
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+try:  # loaded by ComfyUI as a package
+    from .nsarm_nodes import colorfix, tiling
+    from .nsarm_nodes.config import DEFAULT_PROMPT
+    from .nsarm_nodes.pipeline import NSARMPipeline
+    from .nsarm_nodes.sampler import sample, transformation_bits
+    from .nsarm_nodes.text import PromptCache, PromptEmbeds, T5TextEncoder
+    from .nsarm_nodes.transformer import load_transformer
+    from .nsarm_nodes.vae import load_vae
+except ImportError:  # loaded by path (headless runner, tests)
+    from nsarm_nodes import colorfix, tiling
+    from nsarm_nodes.config import DEFAULT_PROMPT
+    from nsarm_nodes.pipeline import NSARMPipeline
+    from nsarm_nodes.sampler import sample, transformation_bits
+    from nsarm_nodes.text import PromptCache, PromptEmbeds, T5TextEncoder
+    from nsarm_nodes.transformer import load_transformer
+    from nsarm_nodes.vae import load_vae
+
+try:
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.utils
+    import folder_paths
+except ImportError:
+    mm = None
+
+CATEGORY = "NSARM"
+MODELS_FOLDER = "nsarm"
+TEXT_FOLDER = "text_encoders"
+PROMPT_CACHE_FOLDER = "nsarm_prompt_cache"
+CACHED_PROMPTS_ONLY = "cached prompts only"
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+ATTENTION = ("auto", "math")
+NEXT_SCALE_MODES = ("area", "trilinear")
+COLOR_FIXES = colorfix.METHODS
+BLENDS = tiling.BLEND_MODES
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+LR_SIDE = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# Where models live: ComfyUI's folder_paths, or $NSARM_MODELS_DIR outside ComfyUI
+
+
+def _register_folders() -> None:
+    exts = set(folder_paths.supported_pt_extensions)
+    for name in (MODELS_FOLDER, TEXT_FOLDER):
+        default = os.path.join(folder_paths.models_dir, name)
+        if name in folder_paths.folder_names_and_paths:
+            paths, old_exts = folder_paths.folder_names_and_paths[name]
+            if default not in paths:
+                paths.append(default)
+            folder_paths.folder_names_and_paths[name] = (paths, set(old_exts) | exts)
+        else:
+            folder_paths.folder_names_and_paths[name] = ([default], exts)
+
+
+if mm is not None:
+    _register_folders()
+
+
+def _models_root() -> Path:
+    return Path(os.environ.get("NSARM_MODELS_DIR", "models"))
+
+
+def _folder_paths(name: str) -> list[Path]:
+    if mm is not None:
+        return [Path(p) for p in folder_paths.get_folder_paths(name)]
+    return [_models_root() / name]
+
+
+def _model_files() -> list[str]:
+    if mm is not None:
+        return folder_paths.get_filename_list(MODELS_FOLDER)
+    names = set()
+    for base in _folder_paths(MODELS_FOLDER):
+        if base.is_dir():
+            names |= {p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file()}
+    return sorted(names)
+
+
+def _text_encoder_folders() -> list[str]:
+    names = set()
+    for base in _folder_paths(TEXT_FOLDER):
+        if base.is_dir():
+            names |= {p.name for p in base.iterdir() if (p / "config.json").is_file()}
+    return sorted(names)
+
+
+def _resolve(folder: str, name: str) -> Path:
+    for base in _folder_paths(folder):
+        if (base / name).exists():
+            return base / name
+    places = ", ".join(str(p) for p in _folder_paths(folder))
+    raise FileNotFoundError(f"{name!r} not found in models/{folder} ({places}); put the file there "
+                            f"(see the README's model table) or pick another one in the loader")
+
+
+def _prompt_cache_dir() -> Path:
+    root = Path(folder_paths.models_dir) if mm is not None else _models_root()
+    return root / PROMPT_CACHE_FOLDER
+
+
+def _device() -> torch.device:
+    if mm is not None:
+        return mm.get_torch_device()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _offload_device() -> torch.device:
+    return mm.unet_offload_device() if mm is not None else _device()
+
+
+def _output_device() -> torch.device:
+    return mm.intermediate_device() if mm is not None else torch.device("cpu")
+
+
+def _interrupt_check() -> None:
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
+
+
+def _block_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom types
+
+
+class NSARMWeights(nn.Module):
+    """Transformer + VAE in one module, so ComfyUI's memory manager moves them together."""
+
+    def __init__(self, transformer, vae):
+        super().__init__()
+        self.transformer, self.vae = transformer, vae
+
+
+@dataclass(frozen=True)
+class NSARMModel:
+    pipeline: NSARMPipeline
+    weights: NSARMWeights
+    patcher: object | None  # comfy.model_patcher.ModelPatcher inside ComfyUI
+    attention: str
+    name: str
+
+    @contextlib.contextmanager
+    def session(self, memory_required: int = 0):
+        """Weights on the compute device (through ComfyUI's manager when present) and the chosen
+        attention kernel for the duration of a node call."""
+        if self.patcher is not None:
+            mm.load_models_gpu([self.patcher], memory_required=memory_required)
+        kernel = contextlib.nullcontext()
+        if self.attention == "math":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            kernel = sdpa_kernel([SDPBackend.MATH])
+        with kernel, torch.no_grad():
+            yield self.pipeline
+
+
+@dataclass(frozen=True)
+class LRScales:
+    bits: tuple[torch.Tensor, ...]  # per replaced scale uint8 [B, d, s, s] (CPU)
+    images: torch.Tensor  # the LR images [B, 256, 256, 3] (CPU), the colour reference
+
+
+@dataclass(frozen=True)
+class NSARMLatent:
+    summed_codes: torch.Tensor  # [B, d, 128, 128] float32 (CPU)
+
+
+class _Progress:
+    """ComfyUI progress bar (one tick per scale) + interrupt check; silent outside ComfyUI."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        _interrupt_check()
+        if mm is not None:
+            if self.bar is None:
+                self.bar = comfy.utils.ProgressBar(total)
+            self.bar.update_absolute(done, total)
+
+
+def _release_text_encoder(pipe: NSARMPipeline) -> None:
+    """T5 is only needed for prompts not yet cached: free its memory once they are encoded."""
+    if pipe.text_encoder is not None and pipe.text_encoder.loaded:
+        pipe.text_encoder.unload()
+
+
+def _encode(model: NSARMModel, prompts: list[str]) -> PromptEmbeds:
+    with model.session() as pipe:
+        embeds = pipe.encode_prompts(prompts)
+    _release_text_encoder(pipe)
+    return embeds
+
+
+def _seeds(seed: int, n: int) -> list[int]:
+    return [(seed + i) % (MAX_SEED + 1) for i in range(n)]
+
+
+def _to_output(images: torch.Tensor) -> torch.Tensor:
+    return images.to(_output_device())
+
+
+# ---------------------------------------------------------------------------------------------
+# Nodes
+
+
+class NSARMModelLoader:
+    DESCRIPTION = ("Loads NSARM (NSARM.pth: Infinity-8B + transformation network), its BSQ-VAE and the "
+                   "Flan-T5-XL text encoder. Weights go in models/nsarm and models/text_encoders.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("NSARM_MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files = _model_files()
+        return {"required": {
+            "checkpoint": (files, {"tooltip": "NSARM.pth (or a converted .safetensors) in models/nsarm"}),
+            "vae": (files, {"tooltip": "infinity_vae_d56_f8_14_patchify.pth in models/nsarm"}),
+            "text_encoder": ([CACHED_PROMPTS_ONLY] + _text_encoder_folders(), {
+                "tooltip": "Flan-T5-XL folder in models/text_encoders, loaded only for prompts not yet "
+                           "cached; 'cached prompts only' never loads it"}),
+            "dtype": (list(DTYPES), {"default": "auto", "tooltip": "transformer block weights; auto = bf16 "
+                                     "on GPUs that support it, else fp32 (AdaLN, head and text path stay fp32)"}),
+            "attention": (list(ATTENTION), {"default": "auto", "tooltip": "auto = PyTorch SDPA picks flash/"
+                                            "memory-efficient kernels; math = reference kernel (slow)"}),
+        }}
+
+    def load(self, checkpoint, vae, text_encoder, dtype, attention):
+        load_device = _device()
+        home = _offload_device()
+        transformer = load_transformer(_resolve(MODELS_FOLDER, checkpoint), device=home,
+                                       dtype=_block_dtype(dtype, load_device))
+        vae_model = load_vae(_resolve(MODELS_FOLDER, vae), device=home)
+        encoder = None
+        if text_encoder != CACHED_PROMPTS_ONLY:
+            text_device = mm.text_encoder_device() if mm is not None else load_device
+            encoder = T5TextEncoder(_resolve(TEXT_FOLDER, text_encoder), device=text_device)
+        pipe = NSARMPipeline(transformer, vae_model, encoder, PromptCache(_prompt_cache_dir()))
+        weights = NSARMWeights(transformer, vae_model)
+        patcher = None
+        if mm is not None:
+            patcher = comfy.model_patcher.ModelPatcher(weights, load_device=load_device, offload_device=home)
+        return (NSARMModel(pipe, weights, patcher, attention, checkpoint),)
+
+
+class NSARMTextEncode:
+    DESCRIPTION = ("Encodes a prompt with Flan-T5-XL for NSARM. Embeddings are cached on disk, so each "
+                   "prompt is encoded once ever. NSARM was trained with detailed image captions.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("NSARM_COND",)
+    RETURN_NAMES = ("cond",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("NSARM_MODEL", {"tooltip": "from NSARM Model Loader"}),
+            "prompt": ("STRING", {"multiline": True, "default": DEFAULT_PROMPT,
+                                  "tooltip": "description of the image (may be empty)"}),
+        }}
+
+    def encode(self, model, prompt):
+        return (_encode(model, [prompt]),)
+
+
+class NSARMEncodeLR:
+    DESCRIPTION = ("VAE-encodes 256x256 low-resolution images and runs NSARM's transformation network, "
+                   "which predicts the first 7 scales. Use NSARM Tile first for other sizes.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("NSARM_SCALES",)
+    RETURN_NAMES = ("scales",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("NSARM_MODEL", {"tooltip": "from NSARM Model Loader"}),
+            "image": ("IMAGE", {"tooltip": "batch of 256x256 LR images (or tiles from NSARM Tile)"}),
+        }}
+
+    def encode(self, model, image):
+        if tuple(image.shape[1:3]) != (LR_SIDE, LR_SIDE):
+            raise ValueError(f"NSARM Encode LR needs {LR_SIDE}x{LR_SIDE} images, got {image.shape[2]}x"
+                             f"{image.shape[1]}: put NSARM Tile before it (or use NSARM Upscale)")
+        with model.session() as pipe:
+            bits = transformation_bits(pipe.transformer, pipe.encode_lr(image))
+        return (LRScales(tuple(b.cpu() for b in bits), image.detach().cpu()),)
+
+
+class NSARMBitwiseDecode:
+    DESCRIPTION = ("NSARM's next-scale bitwise autoregressive loop: the 7 scales from the LR image, then "
+                   "6 generated scales up to 64x64 tokens (1024x1024 px). Item i uses seed + i.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("NSARM_LATENT",)
+    RETURN_NAMES = ("latent",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("NSARM_MODEL", {"tooltip": "from NSARM Model Loader"}),
+                "scales": ("NSARM_SCALES", {"tooltip": "from NSARM Encode LR"}),
+                "seed": ("INT", {"default": 1, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                                 "tooltip": "random seed of the bit sampler (item i of the batch uses seed + i)"}),
+                "tau": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 5.0, "step": 0.01,
+                                  "tooltip": "sampling temperature; NSARM uses 0.5, lower = more deterministic"}),
+                "top_p": ("FLOAT", {"default": 0.97, "min": 0.5, "max": 1.0, "step": 0.01,
+                                    "tooltip": "bits whose less likely value has probability <= 1 - top_p "
+                                               "are decided deterministically"}),
+                "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 20.0, "step": 0.1,
+                                  "tooltip": "classifier-free guidance; NSARM uses 1 (off, fastest)"}),
+                "mode": (list(NEXT_SCALE_MODES), {"default": "area", "tooltip": "next-scale input resampling: "
+                                                  "area (NSARM) or trilinear (current upstream Infinity)"}),
+            },
+            "optional": {
+                "cond": ("NSARM_COND", {"tooltip": "prompt; default: NSARM's generic quality prompt"}),
+                "negative": ("NSARM_COND", {"tooltip": "negative prompt, used only when cfg != 1"}),
+            },
+        }
+
+    def decode(self, model, scales, seed, tau, top_p, cfg, mode, cond=None, negative=None):
+        if cond is None:
+            cond = _encode(model, [DEFAULT_PROMPT])
+        n = scales.images.shape[0]
+        if cond.batch_size not in (1, n):
+            raise ValueError(f"cond holds {cond.batch_size} prompts for {n} images: give one prompt or one per image")
+        with model.session() as pipe:
+            res = sample(pipe.transformer, pipe.vae, cond, seed=_seeds(seed, n), replaced_bits=scales.bits,
+                         tau=tau, top_p=top_p, cfg=cfg, next_scale_mode=mode,
+                         negative_text=negative if cfg != 1.0 else None, progress=_Progress())
+        return (NSARMLatent(res.summed_codes.cpu()),)
+
+
+class NSARMDecode:
+    DESCRIPTION = "Decodes an NSARM latent into 1024x1024 images with the BSQ-VAE decoder."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("NSARM_MODEL", {"tooltip": "from NSARM Model Loader"}),
+            "latent": ("NSARM_LATENT", {"tooltip": "from NSARM Bitwise Decode"}),
+        }}
+
+    def decode(self, model, latent):
+        out = []
+        with model.session() as pipe:
+            for i in range(latent.summed_codes.shape[0]):  # one 1024x1024 decode at a time
+                _interrupt_check()
+                out.append(pipe.decode(latent.summed_codes[i:i + 1]).cpu())
+        return (_to_output(torch.cat(out)),)
+
+
+class NSARMColorFix:
+    DESCRIPTION = ("Matches the colours of the upscaled image to the LR reference (AdaIN, then wavelet "
+                   "low frequencies, as NSARM). Apply once to the stitched image, not per tile.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    FUNCTION = "fix"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "the upscaled image(s)"}),
+            "reference": ("IMAGE", {"tooltip": "the LR image(s) whose colours to keep (any size; one for all or one per image)"}),
+            "method": (list(COLOR_FIXES), {"default": "adain+wavelet", "tooltip": "NSARM default: adain+wavelet"}),
+        }}
+
+    def fix(self, image, reference, method):
+        b = image.shape[0]
+        if reference.shape[0] not in (1, b):
+            raise ValueError(f"reference has {reference.shape[0]} images for {b}: give one or one per image")
+        ref = reference.expand(b, -1, -1, -1) if reference.shape[0] == 1 else reference
+        fixed = colorfix.color_fix(image.permute(0, 3, 1, 2), ref.permute(0, 3, 1, 2).to(image.device), method)
+        return (fixed.permute(0, 2, 3, 1).contiguous(),)
+
+
+class NSARMTile:
+    DESCRIPTION = ("Splits images of any size into overlapping tiles (reflection-padded when smaller). "
+                   "Works around any upscaler; stitch with NSARM Untile.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE", "NSARM_TILES")
+    RETURN_NAMES = ("tiles", "tile_info")
+    FUNCTION = "tile"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image": ("IMAGE", {"tooltip": "images of any size"}),
+                "tile_size": ("INT", {"default": 256, "min": tiling.MIN_TILE_SIZE, "max": 4096, "step": 8,
+                                      "tooltip": "tile side in input pixels; NSARM needs 256"}),
+                "overlap": ("INT", {"default": 32, "min": 0, "max": 2048, "step": 8,
+                                    "tooltip": "minimum overlap between neighbouring tiles (at most tile_size / 2)"}),
+            },
+            "optional": {
+                "align": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "tile positions on multiples "
+                                  "of this; use q for a non-integer upscaler p/q (e.g. 2 for 2.5x)"}),
+            },
+        }
+
+    def tile(self, image, tile_size, overlap, align=1):
+        tiles, grid = tiling.tile(tiling.to_rgb(image), tile_size, overlap, align=align)
+        return (tiles, grid)
+
+
+class NSARMUntile:
+    DESCRIPTION = ("Stitches processed tiles back together with smooth blending; the scale factor is read "
+                   "from the tile size, so any upscaler (1x-8x) can sit between Tile and Untile.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    FUNCTION = "untile"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "processed tiles, in the order NSARM Tile made them"}),
+            "tile_info": ("NSARM_TILES", {"tooltip": "from NSARM Tile"}),
+            "blend": (list(BLENDS), {"default": "cosine", "tooltip": "overlap blending; none = hard cut"}),
+        }}
+
+    def untile(self, image, tile_info, blend):
+        return (tiling.untile(image, tile_info, blend),)
+
+
+class NSARMUpscale:
+    DESCRIPTION = ("One node for the whole job: any-size image -> 4x (tiled at 256 px with blended overlaps, "
+                   "colour fix once on the stitched result).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    FUNCTION = "upscale"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("NSARM_MODEL", {"tooltip": "from NSARM Model Loader"}),
+                "image": ("IMAGE", {"tooltip": "images of any size"}),
+                "prompt": ("STRING", {"multiline": True, "default": DEFAULT_PROMPT,
+                                      "tooltip": "description of the image (may be empty)"}),
+                "seed": ("INT", {"default": 1, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                                 "tooltip": "random seed (tile i uses seed + i)"}),
+                "tile_overlap": ("INT", {"default": 32, "min": 0, "max": 128, "step": 8,
+                                         "tooltip": "minimum overlap of the 256 px LR tiles"}),
+            },
+            "optional": {
+                "tile_batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                                            "tooltip": "tiles per transformer pass (faster, more VRAM)"}),
+                "color_fix": (list(COLOR_FIXES), {"default": "adain+wavelet", "tooltip": "colour correction "
+                                                  "against the whole LR image; none to turn it off"}),
+                "output_scale": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 4.0, "step": 0.5,
+                                           "tooltip": "final scale; below 4 the 4x result is resampled"}),
+                "tau": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 5.0, "step": 0.01,
+                                  "tooltip": "sampling temperature (NSARM: 0.5)"}),
+                "top_p": ("FLOAT", {"default": 0.97, "min": 0.5, "max": 1.0, "step": 0.01, "tooltip": "top-p per bit"}),
+                "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 20.0, "step": 0.1,
+                                  "tooltip": "classifier-free guidance (NSARM: 1 = off)"}),
+                "mode": (list(NEXT_SCALE_MODES), {"default": "area", "tooltip": "next-scale resampling"}),
+                "blend": (list(BLENDS), {"default": "cosine", "tooltip": "tile overlap blending"}),
+            },
+        }
+
+    def upscale(self, model, image, prompt, seed, tile_overlap, tile_batch_size=1, color_fix="adain+wavelet",
+                output_scale=4.0, tau=0.5, top_p=0.97, cfg=1.0, mode="area", blend="cosine"):
+        with model.session() as pipe:
+            out = pipe(image, prompt=prompt, seed=seed, tau=tau, top_p=top_p, cfg=cfg, next_scale_mode=mode,
+                       color_fix=color_fix, tile_overlap=tile_overlap, tile_batch_size=tile_batch_size,
+                       blend=blend, output_scale=output_scale, progress=_Progress())
+        _release_text_encoder(pipe)
+        return (_to_output(out),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "NSARMModelLoader": NSARMModelLoader,
+    "NSARMTextEncode": NSARMTextEncode,
+    "NSARMEncodeLR": NSARMEncodeLR,
+    "NSARMBitwiseDecode": NSARMBitwiseDecode,
+    "NSARMDecode": NSARMDecode,
+    "NSARMColorFix": NSARMColorFix,
+    "NSARMTile": NSARMTile,
+    "NSARMUntile": NSARMUntile,
+    "NSARMUpscale": NSARMUpscale,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "NSARMModelLoader": "NSARM Model Loader",
+    "NSARMTextEncode": "NSARM Text Encode",
+    "NSARMEncodeLR": "NSARM Encode LR",
+    "NSARMBitwiseDecode": "NSARM Bitwise Decode",
+    "NSARMDecode": "NSARM Decode",
+    "NSARMColorFix": "NSARM Color Fix",
+    "NSARMTile": "NSARM Tile",
+    "NSARMUntile": "NSARM Untile",
+    "NSARMUpscale": "NSARM Upscale",
+}
