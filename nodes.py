@@ -235,6 +235,21 @@ def _to_output(images: torch.Tensor) -> torch.Tensor:
 # Nodes
 
 
+def _sampling_inputs() -> dict:
+    """tau, top_p, cfg, mode widgets shared by NSARMBitwiseDecode and NSARMUpscale (in this order)."""
+    return {
+        "tau": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 5.0, "step": 0.01,
+                          "tooltip": "sampling temperature; NSARM uses 0.5, lower = more deterministic"}),
+        "top_p": ("FLOAT", {"default": 0.97, "min": 0.5, "max": 1.0, "step": 0.01,
+                            "tooltip": "bits whose less likely value has probability <= 1 - top_p "
+                                       "are decided deterministically"}),
+        "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 20.0, "step": 0.1,
+                          "tooltip": "classifier-free guidance; NSARM uses 1 (off, fastest)"}),
+        "mode": (list(NEXT_SCALE_MODES), {"default": "area", "tooltip": "next-scale input resampling: "
+                                          "area (NSARM) or trilinear (current upstream Infinity)"}),
+    }
+
+
 class NSARMModelLoader:
     DESCRIPTION = ("Loads NSARM (NSARM.pth: Infinity-8B + transformation network), its BSQ-VAE and the "
                    "Flan-T5-XL text encoder. Weights go in models/nsarm and models/text_encoders.")
@@ -336,15 +351,7 @@ class NSARMBitwiseDecode:
                 "scales": ("NSARM_SCALES", {"tooltip": "from NSARM Encode LR"}),
                 "seed": ("INT", {"default": 1, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                                  "tooltip": "random seed of the bit sampler (item i of the batch uses seed + i)"}),
-                "tau": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 5.0, "step": 0.01,
-                                  "tooltip": "sampling temperature; NSARM uses 0.5, lower = more deterministic"}),
-                "top_p": ("FLOAT", {"default": 0.97, "min": 0.5, "max": 1.0, "step": 0.01,
-                                    "tooltip": "bits whose less likely value has probability <= 1 - top_p "
-                                               "are decided deterministically"}),
-                "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 20.0, "step": 0.1,
-                                  "tooltip": "classifier-free guidance; NSARM uses 1 (off, fastest)"}),
-                "mode": (list(NEXT_SCALE_MODES), {"default": "area", "tooltip": "next-scale input resampling: "
-                                                  "area (NSARM) or trilinear (current upstream Infinity)"}),
+                **_sampling_inputs(),
             },
             "optional": {
                 "cond": ("NSARM_COND", {"tooltip": "prompt; default: NSARM's generic quality prompt"}),
@@ -490,12 +497,7 @@ class NSARMUpscale:
                                                   "against the whole LR image; none to turn it off"}),
                 "output_scale": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 4.0, "step": 0.5,
                                            "tooltip": "final scale; below 4 the 4x result is resampled"}),
-                "tau": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 5.0, "step": 0.01,
-                                  "tooltip": "sampling temperature (NSARM: 0.5)"}),
-                "top_p": ("FLOAT", {"default": 0.97, "min": 0.5, "max": 1.0, "step": 0.01, "tooltip": "top-p per bit"}),
-                "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 20.0, "step": 0.1,
-                                  "tooltip": "classifier-free guidance (NSARM: 1 = off)"}),
-                "mode": (list(NEXT_SCALE_MODES), {"default": "area", "tooltip": "next-scale resampling"}),
+                **_sampling_inputs(),
                 "blend": (list(BLENDS), {"default": "cosine", "tooltip": "tile overlap blending"}),
             },
         }
