@@ -58,6 +58,7 @@ NEXT_SCALE_MODES = ("area", "trilinear")
 COLOR_FIXES = colorfix.METHODS
 BLENDS = tiling.BLEND_MODES
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".sft")  # as ComfyUI's model lists
 LR_SIDE = 256
 
 
@@ -98,7 +99,8 @@ def _model_files() -> list[str]:
     names = set()
     for base in _folder_paths(MODELS_FOLDER):
         if base.is_dir():
-            names |= {p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file()}
+            names |= {p.relative_to(base).as_posix() for p in base.rglob("*")
+                      if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES}
     return sorted(names)
 
 

