@@ -1,4 +1,4 @@
-"""Command line: `python -m nsarm_nodes {upscale,check-models,make-test-models} ...`.
+"""Command line: `python -m nsarm_nodes {upscale,run,queue,check-models,make-test-models} ...`.
 
 User errors (missing weights, unreadable files, bad options) print one clear message and exit
 with status 2; no traceback. Outputs are written atomically and never overwrite an existing file
@@ -133,6 +133,117 @@ def cmd_upscale(args) -> int:
     return 0
 
 
+def _run_progress(event: dict) -> None:
+    if event["type"] == "executing":
+        print(f"[run] node {event['node']} ({event['class_type']}) ...", file=sys.stderr, flush=True)
+    elif event["type"] == "executed":
+        print(f"[run] node {event['node']} ({event['class_type']}) done in {event['seconds']:.1f}s",
+              file=sys.stderr, flush=True)
+
+
+def _user_exception(exc: BaseException) -> bool:
+    """Exceptions a node raises because of its inputs or files (shown without a traceback)."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(exc, (ValueError, LookupError, OSError, UserError)) or (bool(oom) and isinstance(exc, oom))
+
+
+def _place(src: Path, dest: Path, overwrite: bool) -> None:
+    """Move a finished file into place in one step; never replaces ``dest`` unless ``overwrite``."""
+    if overwrite:
+        os.replace(src, dest)
+        return
+    try:
+        os.link(src, dest)  # atomic, fails when dest exists
+    except FileExistsError:
+        raise UserError(f"{dest}: already exists; pass --overwrite to replace it or choose another --output") from None
+    except OSError:  # no hard links on this file system
+        if dest.exists():
+            raise UserError(f"{dest}: already exists; pass --overwrite to replace it") from None
+        os.replace(src, dest)
+        return
+    os.unlink(src)
+
+
+def cmd_run(args) -> int:
+    import shutil
+    import traceback
+
+    from . import runner
+
+    out = Path(args.output)
+    single = out.suffix.lower() == ".png"
+    if single and out.exists() and not args.overwrite:
+        raise UserError(f"{out}: already exists; pass --overwrite to replace it or choose another --output")
+    inputs = runner.parse_input_args(args.input or [])
+
+    def one_save_only(prompt: dict, order: list[str]) -> None:
+        saves = [nid for nid in order if prompt[nid]["class_type"] == "SaveImage"]
+        if single and len(saves) != 1:
+            raise UserError(f"--output {out} names one PNG but the workflow has {len(saves)} SaveImage nodes; "
+                            "give an output folder instead")
+
+    if single:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".nsarm-run-", dir=out.parent))
+    else:
+        stage = out
+    try:
+        try:
+            result = runner.run_workflow(args.workflow, inputs=inputs, sets=args.set or [], output_dir=stage,
+                                         input_dir=args.input_dir, models_dir=args.models,
+                                         progress=_run_progress, before_run=one_save_only)
+        except runner.NodeExecutionError as e:
+            if _user_exception(e.original):
+                raise UserError(str(e)) from None
+            traceback.print_exception(type(e.original), e.original, e.original.__traceback__)
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        saved = result.saved
+        if single:
+            if len(saved) != 1:
+                raise UserError(f"the workflow saved {len(saved)} images (a batch); --output {out} names one "
+                                "file: give an output folder instead")
+            _place(saved[0], out, args.overwrite)
+            saved = [out]
+    finally:
+        if single:
+            shutil.rmtree(stage, ignore_errors=True)
+    for path in saved:
+        print(path)
+    return 0
+
+
+def cmd_queue(args) -> int:
+    from . import runner
+    from .client import ComfyClientError, _base_url, _json, _Timeout, print_progress, queue_workflow
+
+    try:
+        workflow = runner.load_workflow(args.workflow)
+        is_ui = runner.workflow_format(workflow) == "ui"
+        input_types = None
+        if is_ui or args.set:  # the server's node definitions map widgets and check --set names
+            base = _base_url(args.server)
+            status, info = _json(base, "/object_info", timeout=min(args.timeout, 60))
+            if status != 200 or not isinstance(info, dict):
+                raise UserError(f"ComfyUI at {base}: GET /object_info failed (HTTP {status})")
+            input_types = runner.object_info_input_types(info)
+        prompt = runner.api_prompt(workflow, input_types)
+        prompt = runner.apply_overrides(prompt, args.set or [], input_types)
+        inputs = {(runner.find_node(prompt, ref) if ref else ""): path
+                  for ref, path in runner.parse_input_args(args.input or []).items()}
+        paths = queue_workflow(args.server, prompt, inputs, out_dir=args.out, timeout=args.timeout,
+                               on_progress=print_progress, overwrite=args.overwrite)
+    except ComfyClientError as e:
+        raise UserError(str(e)) from None
+    except _Timeout:  # only the /object_info request above can raise it here
+        raise UserError(f"ComfyUI at {args.server}: GET /object_info timed out") from None
+    for path in paths:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import DEFAULT_PROMPT
 
@@ -172,6 +283,37 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--report", action="store_true", help="print tile count and seam score")
     u.add_argument("--overwrite", action="store_true")
     u.set_defaults(func=cmd_upscale)
+
+    r = sub.add_parser("run", help="run a workflow JSON (UI or API format) without ComfyUI")
+    r.add_argument("workflow", help="workflow .json (e.g. workflows/nsarm_upscale.json)")
+    r.add_argument("--input", action="append", metavar="[NODE=]IMAGE",
+                   help="image for the workflow's LoadImage node (NODE=IMAGE when there are several)")
+    r.add_argument("-o", "--output", required=True, help="output folder (SaveImage names: <prefix>_00001_.png, "
+                   "never overwritten), or a .png path when the workflow saves one image")
+    r.add_argument("--models", default=None, help="models folder (ComfyUI layout: nsarm/, text_encoders/); "
+                   "default $NSARM_MODELS_DIR or ./models")
+    r.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE",
+                   help="override an input; NODE = node id, class type used once, or title; VALUE is JSON or text")
+    r.add_argument("--input-dir", default=".", help="folder for LoadImage file names that are not absolute")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --output .png")
+    r.set_defaults(func=cmd_run)
+
+    q = sub.add_parser("queue", help="run a workflow on a ComfyUI server and download its images")
+    q.add_argument("workflow", help="workflow .json (API format, e.g. workflows/api/nsarm_upscale_api.json; "
+                   "UI format is converted with the server's node definitions)")
+    q.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI URL (default %(default)s)")
+    q.add_argument("--input", action="append", metavar="[NODE=]IMAGE",
+                   help="image uploaded for the workflow's LoadImage node (NODE=IMAGE when there are several)")
+    q.add_argument("--out", required=True, help="folder for the downloaded images")
+    q.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole job (default %(default)g)")
+    q.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE", help="override an input (as for run)")
+    q.add_argument("--overwrite", action="store_true", help="replace files of the same name in --out "
+                   "(default: keep them and add _N to the new name)")
+    q.set_defaults(func=cmd_queue)
+
+    from .bench import add_cli_commands  # `bench` (speed / memory) and `convert` (bf16 safetensors)
+
+    add_cli_commands(sub)
     return p
 
 

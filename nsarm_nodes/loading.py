@@ -3,19 +3,27 @@
 Formats: a torch `.pth/.pt/.bin/.ckpt` file (read with `torch.load(weights_only=True, mmap=True)`,
 so no code in a pickle is ever executed and tensors stay on disk until used), a `.safetensors`
 file, a folder of sharded safetensors with a `*.safetensors.index.json`, or an in-memory state dict.
+Safetensors are read lazily: `read_checkpoint` returns a `LazyStateDict` that knows every key's
+shape and dtype from the file headers and reads a tensor only when it is indexed (nothing cached).
 
 Models are built on the `meta` device and then materialised tensor by tensor from the (memory
-mapped) checkpoint in the target dtype and device, so the full-precision checkpoint is never held
-in RAM or VRAM twice. Coverage is strict: missing, unexpected or shape-mismatched keys raise
-`CheckpointError` naming the file.
+mapped or lazy) checkpoint in the target dtype and device, so at most one source tensor is in RAM
+at a time and the full-precision checkpoint is never held in RAM or VRAM. Coverage is strict:
+missing, unexpected or shape-mismatched keys raise `CheckpointError` naming the file.
+
+`write_safetensors` streams tensors into a .safetensors file one at a time (the header is computed
+from shapes first), atomically (temporary file + os.replace).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
+import struct
+import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,20 +67,189 @@ def _read_torch(path: Path) -> object:
         ) from None
 
 
-def _read_safetensors(path: Path) -> StateDict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+# safetensors dtype names <-> torch dtypes (the subset torch can hold).
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
+
+@dataclass(frozen=True)
+class LazyEntry:
+    """One tensor of a lazy state dict: how to read it, and its shape / dtype without reading."""
+
+    load: Callable[[], torch.Tensor]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor], shape: Iterable[int] | None = None) -> LazyEntry:
+        """An entry reading `fn(this tensor)`; `shape` is the result's shape (default: unchanged)."""
+        load = self.load
+        return LazyEntry(lambda: fn(load()), tuple(self.shape if shape is None else shape), self.dtype)
+
+
+class LazyStateDict(Mapping):
+    """A read-only state dict whose tensors are read on access (`sd[key]`), one at a time, and never
+    cached; `shape(key)` / `dtype(key)` answer from the file headers without reading tensor data."""
+
+    def __init__(self, entries: Mapping[str, LazyEntry], source: str = "<lazy state dict>"):
+        self._entries = dict(entries)
+        self.source = source
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._entries[key].load()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key) -> bool:
+        return key in self._entries
+
+    def entry(self, key: str) -> LazyEntry:
+        return self._entries[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key].shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._entries[key].dtype
+
+    def nbytes(self) -> int:
+        """Bytes of all tensors as stored."""
+        return sum(math.prod(e.shape) * e.dtype.itemsize for e in self._entries.values())
+
+    def with_entries(self, entries: Mapping[str, LazyEntry]) -> LazyStateDict:
+        return LazyStateDict(entries, self.source)
+
+    def __repr__(self) -> str:
+        return f"LazyStateDict({self.source!r}, {len(self)} tensors)"
+
+
+def shape_of(sd: Mapping, key: str) -> tuple[int, ...]:
+    """Shape of `sd[key]`, without reading the tensor when `sd` is lazy."""
+    return sd.shape(key) if isinstance(sd, (LazyStateDict, _Merged)) else tuple(sd[key].shape)
+
+
+def dtype_of(sd: Mapping, key: str) -> torch.dtype:
+    return sd.dtype(key) if isinstance(sd, (LazyStateDict, _Merged)) else sd[key].dtype
+
+
+def replace_entry(sd: Mapping, key: str, fn: Callable[[torch.Tensor], torch.Tensor],
+                  shape: Iterable[int]) -> Mapping:
+    """A copy of `sd` where `key` holds fn(old tensor) of `shape`; lazy stays lazy (nothing read)."""
+    if isinstance(sd, LazyStateDict):
+        entries = dict(sd._entries)
+        entries[key] = entries[key].map(fn, shape)
+        return sd.with_entries(entries)
+    out = dict(sd)
+    out[key] = fn(out[key])
+    return out
+
+
+def _safetensors_error(path: Path, detail: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: not a readable .safetensors file (truncated or corrupt download?). "
+        f"Re-download it. Detail: {detail}"
+    )
+
+
+MAX_HEADER_BYTES = 100_000_000
+
+
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """Parse and validate a safetensors header: ({key: (dtype, shape, begin, end)}, data start).
+
+    Checks that every tensor's byte range fits its shape / dtype and that the data section is
+    exactly covered (a truncated file fails here, before anything is read)."""
     try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(
-            f"{path}: not a readable .safetensors file (truncated or corrupt download?). "
-            f"Re-download it. Detail: {e}"
-        ) from None
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _safetensors_error(path, f"file of {size} bytes has no header")
+            n = struct.unpack("<Q", head)[0]
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise _safetensors_error(path, f"header length {n} does not fit a file of {size} bytes")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _safetensors_error(path, f"unreadable header ({e})") from None
+    if not isinstance(header, dict):
+        raise _safetensors_error(path, "header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_start, data_size = 8 + n, size - 8 - n
+    table, covered = {}, 0
+    for key, info in header.items():
+        try:
+            name, shape, (begin, end) = info["dtype"], tuple(int(x) for x in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise _safetensors_error(path, f"bad header entry for {key!r}") from None
+        if name not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key} has dtype {name}, which torch cannot hold")
+        dtype = SAFETENSORS_DTYPES[name]
+        if end - begin != math.prod(shape) * dtype.itemsize or not 0 <= begin <= end:
+            raise _safetensors_error(path, f"tensor {key}: byte range {begin}..{end} does not fit {shape} {name}")
+        if end > data_size:
+            raise _safetensors_error(path, f"tensor {key} ends at byte {end} but the file holds {data_size} data "
+                                           f"bytes (truncated)")
+        covered = max(covered, end)
+        table[key] = (dtype, shape, begin, end)
+    if covered != data_size:
+        raise _safetensors_error(path, f"data section is {data_size} bytes but the tensors cover {covered}")
+    return table, data_start
 
 
-def _read_sharded(folder: Path) -> StateDict:
+def _read_range(path: Path, offset: int, nbytes: int) -> torch.Tensor:
+    """nbytes of `path` from `offset` into a fresh uint8 tensor (plain reads: no memory map, so
+    nothing but the returned tensor stays resident)."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    if nbytes:
+        view = memoryview(buf.numpy())
+        got = 0
+        with open(path, "rb", buffering=0) as f:
+            f.seek(offset)
+            while got < nbytes:
+                k = f.readinto(view[got:])
+                if not k:
+                    raise _safetensors_error(path, f"unexpected end of file at byte {offset + got}")
+                got += k
+    return buf
+
+
+def _lazy_entries(path: Path, keys: Iterable[str] | None = None) -> dict[str, LazyEntry]:
+    """Entries of one safetensors file (all keys, or `keys`); each read is one plain file read."""
+    table, data_start = _safetensors_header(path)
+    wanted = list(table) if keys is None else list(keys)
+    absent = [k for k in wanted if k not in table]
+    if absent:
+        raise CheckpointError(f"{path}: tensors listed in the shard index are missing: {absent[:MAX_LISTED_KEYS]}")
+
+    def reader(dtype: torch.dtype, shape: tuple[int, ...], begin: int, end: int) -> Callable[[], torch.Tensor]:
+        def load() -> torch.Tensor:
+            try:
+                raw = _read_range(path, data_start + begin, end - begin)
+            except OSError as e:
+                raise _safetensors_error(path, str(e)) from None
+            return raw.view(dtype).reshape(shape)
+
+        return load
+
+    entries = {}
+    for key in wanted:
+        dtype, shape, begin, end = table[key]
+        entries[key] = LazyEntry(reader(dtype, shape, begin, end), shape, dtype)
+    return entries
+
+
+def _read_safetensors(path: Path) -> LazyStateDict:
+    return LazyStateDict(_lazy_entries(path), str(path))
+
+
+def _read_sharded(folder: Path) -> LazyStateDict:
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
         try:
@@ -85,16 +262,21 @@ def _read_sharded(folder: Path) -> StateDict:
             raise CheckpointError(
                 f"{folder}: shard(s) listed in {indexes[0].name} are missing: {missing[:MAX_LISTED_KEYS]}"
             )
+        keys_of = {s: [k for k, v in weight_map.items() if v == s] for s in shards}
     else:
         shards = sorted(p.name for p in folder.glob("*.safetensors"))
         if not shards:
             raise CheckpointError(
                 f"{folder}: folder holds neither a *.safetensors.index.json nor *.safetensors shards"
             )
-    sd: StateDict = {}
+        keys_of = dict.fromkeys(shards)
+    entries: dict[str, LazyEntry] = {}
     for shard in shards:
-        sd.update(_read_safetensors(folder / shard))
-    return sd
+        for key, entry in _lazy_entries(folder / shard, keys_of[shard]).items():
+            if key in entries:
+                raise CheckpointError(f"{folder}: tensor {key} appears in more than one shard")
+            entries[key] = entry
+    return LazyStateDict(entries, str(folder))
 
 
 def read_checkpoint(src) -> Mapping:
@@ -119,13 +301,16 @@ def read_checkpoint(src) -> Mapping:
     )
 
 
-def unwrap(obj: Mapping, wrappers: tuple[str, ...], source: str) -> StateDict:
+def unwrap(obj: Mapping, wrappers: tuple[str, ...], source: str) -> Mapping[str, torch.Tensor]:
     """Descend into the first wrapper key present (e.g. `{'vae': sd}`) and keep tensor entries."""
     for key in wrappers:
         if key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
             break
-    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if isinstance(obj, LazyStateDict):  # safetensors: all tensors, read later
+        sd = obj
+    else:
+        sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not sd:
         raise CheckpointError(f"{source}: no tensors found (top-level keys: {list(obj)[:MAX_LISTED_KEYS]})")
     return sd
@@ -158,14 +343,41 @@ class Coverage:
 
 
 def coverage(expected: Mapping[str, tuple[int, ...]], sd: Mapping[str, torch.Tensor]) -> Coverage:
+    """Compare key sets and shapes (shapes of a lazy state dict come from its headers)."""
     cov = Coverage()
     for k, shape in expected.items():
         if k not in sd:
             cov.missing.append(k)
-        elif tuple(sd[k].shape) != tuple(shape):
-            cov.mismatched.append((k, tuple(sd[k].shape), tuple(shape)))
+        elif shape_of(sd, k) != tuple(shape):
+            cov.mismatched.append((k, shape_of(sd, k), tuple(shape)))
     cov.unexpected = [k for k in sd if k not in expected]
     return cov
+
+
+class _Merged(Mapping):
+    """`sd` with `defaults` for absent keys, without reading anything."""
+
+    def __init__(self, sd: Mapping, defaults: Mapping):
+        self.sd, self.defaults = sd, defaults
+
+    def __getitem__(self, key):
+        return self.sd[key] if key in self.sd else self.defaults[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self.sd or key in self.defaults
+
+    def __iter__(self):
+        yield from self.sd
+        yield from (k for k in self.defaults if k not in self.sd)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def shape(self, key) -> tuple[int, ...]:
+        return shape_of(self.sd, key) if key in self.sd else tuple(self.defaults[key].shape)
+
+    def dtype(self, key) -> torch.dtype:
+        return dtype_of(self.sd, key) if key in self.sd else self.defaults[key].dtype
 
 
 def materialize(
@@ -178,18 +390,21 @@ def materialize(
     dtype_for: Callable[[str, torch.Tensor], torch.dtype] | None = None,
     defaults: Mapping[str, torch.Tensor] | None = None,
     strict: bool = True,
+    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> Coverage:
     """Fill a module built on the `meta` device from `sd`, tensor by tensor.
 
     `defaults` supplies tensors for keys a checkpoint may legitimately lack (e.g. all-zero bias
     buffers); `dtype_for(name, tensor)` picks the stored dtype per tensor (default: keep floats as
-    in the file, except that integer buffers always keep their dtype).
+    in the file, except that integer buffers always keep their dtype). `transform(name, tensor)`,
+    when given, post-processes each tensor after it reached `device` / its dtype (e.g. fp8
+    quantisation, or moving a block back to pinned CPU memory for block swapping).
+
+    Only one checkpoint tensor is read (and converted) at a time: a lazy or memory-mapped `sd` is
+    never copied as a whole.
     """
-    defaults = dict(defaults or {})
+    merged = _Merged(sd, dict(defaults or {}))
     expected = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
-    merged = dict(sd)
-    for k, v in defaults.items():
-        merged.setdefault(k, v)
     cov = coverage(expected, merged)
     if strict and not cov.ok:
         raise CheckpointError(f"{source}: does not fit the {kind}: {cov.summary()}")
@@ -197,11 +412,14 @@ def materialize(
     for name, target in targets.items():
         if name not in merged:
             continue
-        value = merged[name]
+        value = merged[name]  # reads this one tensor (lazy) or maps it (mmap)
         dtype = target.dtype if not value.is_floating_point() else (
             dtype_for(name, value) if dtype_for else value.dtype
         )
         new = value.to(device=device, dtype=dtype, copy=True).contiguous()
+        del value
+        if transform is not None:
+            new = transform(name, new)
         owner_name, _, attr = name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
         if isinstance(target, nn.Parameter):
@@ -213,3 +431,74 @@ def materialize(
     if leftovers:
         raise CheckpointError(f"{source}: {kind} tensors left unloaded: {leftovers[:MAX_LISTED_KEYS]}")
     return cov
+
+
+# ---------------------------------------------------------------------------------------------
+# Streamed, atomic safetensors writing
+
+SAFETENSORS_ALIGN = 8  # header padded with spaces so that the data starts 8-byte aligned
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """Raw little-endian bytes of a CPU tensor (any dtype, including bf16 / fp8)."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    entries: Mapping[str, LazyEntry],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write `entries` (key -> LazyEntry with the shape and dtype the tensor will have) as one
+    .safetensors file, streaming: the header is computed from the declared shapes / dtypes, then
+    each tensor is loaded, checked against its declaration, written and dropped. Peak RAM is one
+    tensor. The file appears atomically (temporary file in the same folder + os.replace); an
+    existing file is refused unless `overwrite`. Keys are written sorted."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists; pass --overwrite to replace it")
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    keys = sorted(entries)
+    offset = 0
+    for k in keys:
+        e = entries[k]
+        if e.dtype not in TORCH_TO_SAFETENSORS:
+            raise ValueError(f"{k}: dtype {e.dtype} cannot be stored in safetensors")
+        n = math.prod(e.shape) * e.dtype.itemsize
+        header[k] = {"dtype": TORCH_TO_SAFETENSORS[e.dtype], "shape": list(e.shape),
+                     "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-(8 + len(blob)) % SAFETENSORS_ALIGN)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for i, k in enumerate(keys):
+                e = entries[k]
+                t = e.load()
+                if tuple(t.shape) != tuple(e.shape) or t.dtype != e.dtype:
+                    raise ValueError(f"{k}: produced {tuple(t.shape)} {t.dtype}, declared {e.shape} {e.dtype}")
+                f.write(_tensor_bytes(t))
+                del t
+                if progress:
+                    progress(i + 1, len(keys))
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -212,10 +212,13 @@ def sample(
         x = transformer.embed(tokens)
         return torch.cat((x, x)) if use_cfg else x
 
+    if forced_bits is not None:  # moved once, not per scale
+        forced_bits = [None if f is None else f.to(device) for f in forced_bits]
+
     def forced(si: int) -> torch.Tensor | None:
         if forced_bits is None or si >= len(forced_bits) or forced_bits[si] is None:
             return None
-        return forced_bits[si].to(device)
+        return forced_bits[si]
 
     def add_scale(si: int, latent_bits: torch.Tensor) -> None:
         nonlocal summed
@@ -241,8 +244,7 @@ def sample(
             if si + 1 < K:
                 xs.append(next_input(si + 1) + lvl[si + 1])
         n = offsets[K - 1] + counts[K - 1]
-        scale_id = torch.repeat_interleave(torch.arange(K, device=device), torch.tensor(counts[:K], device=device))
-        mask = scale_id[:, None] >= scale_id[None, :]  # [n, n] block-causal
+        mask = transformer.block_causal_mask(counts[:K], device)  # [n, n], cached: no host->device copy
         hidden = transformer.forward_blocks(torch.cat(xs, dim=1), cond, cos_all[:n], sin_all[:n], caches, True, mask)
         if return_logits:
             lg = head(hidden) * tau

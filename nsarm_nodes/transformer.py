@@ -11,11 +11,18 @@ A block (shared AdaLN, pre-norm):
 
 Precision: the residual stream, AdaLN modulation, LayerNorms, RoPE, the text path outside the
 blocks and the head run in float32; block linears run in the blocks' weight dtype (bf16 for the
-released setup), which is what upstream gets from its bf16 autocast.
+released setup), which is what upstream gets from its bf16 autocast. With fp8 weight storage
+(`load_transformer(weight_format="fp8")`) a block linear keeps an e4m3 weight and one float scale
+and computes in bf16 (see `linear`).
+
+Host/device synchronisation: nothing in a block forward or in the per-scale work reads a tensor
+back to the host (no .item() / .tolist() / tensor-valued Python conditions); per-sample text
+lengths are read once in `condition`, the block-causal prefill mask is cached per schedule.
 """
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping
 
@@ -24,7 +31,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MapNetConfig, TransformerConfig
-from .loading import CheckpointError, describe, materialize, read_checkpoint, unwrap
+from .loading import (
+    CheckpointError,
+    LazyEntry,
+    LazyStateDict,
+    describe,
+    materialize,
+    read_checkpoint,
+    replace_entry,
+    shape_of,
+    unwrap,
+    write_safetensors,
+)
 from .schedule import rope_cos_sin
 
 MAX_LOG_SCALE_MUL = math.log(100.0)  # cosine-attention temperature clamp
@@ -33,11 +51,24 @@ CHECKPOINT_WRAPPERS = ("gpt_fsdp", "model", "state_dict", "module")
 BLOCK_KEY = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.")
 
 
+FP8_ATTR = "fp8_scale"  # Linear attribute (scale: float, compute dtype) of fp8-stored weights
+
+
 def linear(x: torch.Tensor, layer: nn.Linear, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Linear layer computed in the layer's weight dtype (the input is cast to it)."""
+    """Linear layer computed in the layer's weight dtype (the input is cast to it).
+
+    fp8-stored layers (`layer.fp8_scale = (s, dtype)`, weight = e4m3 values of W / s) compute
+    `x @ W8^T * s + b` in `dtype` (bf16): the weight is widened on the fly, the per-tensor scale
+    is a Python float (no device tensor, no sync) applied to the output together with the bias.
+    """
     w = layer.weight
     b = layer.bias if bias is None else bias
-    return F.linear(x.to(w.dtype), w, None if b is None else b.to(w.dtype))
+    fp8 = layer.__dict__.get(FP8_ATTR)
+    if fp8 is None:
+        return F.linear(x.to(w.dtype), w, None if b is None else b.to(w.dtype))
+    scale, dtype = fp8
+    out = F.linear(x.to(dtype), w.to(dtype))
+    return out.mul_(scale) if b is None else torch.add(b.to(dtype), out, alpha=scale)
 
 
 def layer_norm(x: torch.Tensor, eps: float, weight=None, bias=None) -> torch.Tensor:
@@ -115,9 +146,11 @@ class TextKV:
         self.k, self.v, self.mask = k, v, mask
 
 
-def pad_packed(x: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[T, ...] packed rows -> [B, Tmax, ...] zero padded + key mask [B, Tmax] (None if equal lengths)."""
-    bounds = cu_seqlens.tolist()
+def pad_packed(x: torch.Tensor, cu_seqlens) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[T, ...] packed rows -> [B, Tmax, ...] zero padded + key mask [B, Tmax] (None if equal lengths).
+
+    cu_seqlens: int tensor [B + 1] or the same as a list of ints (no device read-back then)."""
+    bounds = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
     lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
     if len(set(lengths)) == 1:
         return x.view(len(lengths), lengths[0], *x.shape[1:]), None
@@ -149,8 +182,9 @@ class CrossAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
-    def text_kv(self, kv_compact: torch.Tensor, cu_seqlens: torch.Tensor) -> TextKV:
-        """kv_compact [T, kv_dim] packed prompts -> per-sample padded heads."""
+    def text_kv(self, kv_compact: torch.Tensor, cu_seqlens) -> TextKV:
+        """kv_compact [T, kv_dim] packed prompts -> per-sample padded heads (cu_seqlens: tensor or
+        list of ints)."""
         T = kv_compact.shape[0]
         kv = linear(kv_compact, self.mat_kv, torch.cat((self.zero_k_bias, self.v_bias)))
         kv, mask = pad_packed(kv.view(T, 2, self.heads, self.head_dim), cu_seqlens)  # [B, Tm, 2, H, hd]
@@ -269,6 +303,10 @@ class Infinity(nn.Module):
         else:
             self.map_transformer = None
         self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}
+        self.weight_format = "dense"  # or "fp8" (see load_transformer)
+        self.swapper = None  # lowvram.ModuleSwapper of blocks kept off the device, or None
+        self.offloader = None  # lowvram.ModuleSwapper of the text path + map network, or None
 
     @property
     def map_net(self):
@@ -281,7 +319,19 @@ class Infinity(nn.Module):
 
     @property
     def block_dtype(self) -> torch.dtype:
-        return self.block_chunks[0].module[0].sa.mat_qkv.weight.dtype
+        """The dtype blocks compute in (and the KV cache is kept in); bf16 for fp8-stored weights."""
+        qkv = self.block_chunks[0].module[0].sa.mat_qkv
+        fp8 = qkv.__dict__.get(FP8_ATTR)
+        return fp8[1] if fp8 is not None else qkv.weight.dtype
+
+    def block_causal_mask(self, counts: list[int], device) -> torch.Tensor:
+        """[n, n] bool, True where token i may attend to token j (scale(i) >= scale(j)), for scales
+        of `counts` tokens; built on the host once per (counts, device) and cached."""
+        key = (tuple(counts), str(device))
+        if key not in self._masks:
+            scale_id = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+            self._masks[key] = (scale_id[:, None] >= scale_id[None, :]).to(device)
+        return self._masks[key]
 
     def rope(self, schedule: list[tuple[int, int]], device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [N_total, hd/2] float32 for the whole schedule (cached per schedule/device)."""
@@ -293,13 +343,19 @@ class Infinity(nn.Module):
 
     def condition(self, kv_compact: torch.Tensor, cu_seqlens: torch.Tensor) -> Conditioning:
         """Text path. kv_compact [T, Ct] float32 packed T5 features, cu_seqlens int32 [B + 1]."""
-        kv = self.text_norm(kv_compact.float())  # [T, Ct]
-        pool = self.text_proj_for_sos.ca
-        sos = pool(None, pool.text_kv(kv, cu_seqlens)).float().squeeze(1)  # [B, C]
-        ca_kv = self.text_proj_for_ca(kv)  # [T, C]
-        gss = self.shared_ada_lin(sos).view(-1, 1, 6, self.cfg.embed_dim)  # [B, 1, 6, C]
+        bounds = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)  # once
+        text_path = (self.text_norm, self.text_proj_for_sos, self.text_proj_for_ca, self.shared_ada_lin)
+        with _resident(self.offloader, text_path):  # low VRAM: the text path visits the device for this call
+            kv = self.text_norm(kv_compact.float())  # [T, Ct]
+            pool = self.text_proj_for_sos.ca
+            sos = pool(None, pool.text_kv(kv, bounds)).float().squeeze(1)  # [B, C]
+            ca_kv = self.text_proj_for_ca(kv)  # [T, C]
+            gss = self.shared_ada_lin(sos).view(-1, 1, 6, self.cfg.embed_dim)  # [B, 1, 6, C]
         x_sos = sos.unsqueeze(1) + self.pos_start  # [B, 1, C]
-        text_kv = [b.ca.text_kv(ca_kv, cu_seqlens) for b in self.blocks]
+        text_kv = []
+        for b in self.blocks:
+            with _resident(self.swapper, b):
+                text_kv.append(b.ca.text_kv(ca_kv, bounds))
         return Conditioning(sos, x_sos, gss, text_kv)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -324,6 +380,16 @@ class Infinity(nn.Module):
                 for _ in self.blocks]
 
 
+def _resident(swapper, module=None):
+    """Context in which `module` (a module or a tuple of them; default: everything `swapper`
+    manages) is on the device; a no-op without a swapper or for modules it does not manage."""
+    import contextlib
+
+    if swapper is None or (isinstance(module, nn.Module) and not swapper.manages(module)):
+        return contextlib.nullcontext()
+    return swapper.resident(module)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -339,17 +405,26 @@ class RMSNorm(nn.Module):
 # Loading
 
 
-def _normalise_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tolerate upstream variations: unchunked `blocks.{i}.`, `(1,1,H,1)` scale_mul."""
-    out = {}
-    for k, v in sd.items():
+def _normalise_keys(sd: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """Tolerate upstream variations: unchunked `blocks.{i}.`, `(1,1,H,1)` scale_mul. A lazy state
+    dict stays lazy (renames and reshapes are applied when a tensor is read)."""
+    renamed: dict[str, str] = {}  # new key -> key in sd
+    for k in sd:
         m = re.match(r"^blocks\.(\d+)\.(.*)$", k)
-        if m:
-            k = f"block_chunks.0.module.{m.group(1)}.{m.group(2)}"
-        if k.endswith("sa.scale_mul_1H11"):
-            v = v.reshape(1, -1, 1, 1)
-        out[k] = v
-    return out
+        renamed[f"block_chunks.0.module.{m.group(1)}.{m.group(2)}" if m else k] = k
+
+    def fix(key: str, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(1, -1, 1, 1) if key.endswith("sa.scale_mul_1H11") else t
+
+    if isinstance(sd, LazyStateDict):
+        entries = {}
+        for new, old in renamed.items():
+            e = sd.entry(old)
+            if new.endswith("sa.scale_mul_1H11"):
+                e = e.map(lambda t: t.reshape(1, -1, 1, 1), (1, math.prod(e.shape), 1, 1))
+            entries[new] = e
+        return sd.with_entries(entries)
+    return {new: fix(new, sd[old]) for new, old in renamed.items()}
 
 
 def infer_config(sd: Mapping[str, torch.Tensor], source: str) -> TransformerConfig:
@@ -366,10 +441,10 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: str) -> TransformerConf
     per = max(j for _, j in blocks) + 1
     if len(blocks) != chunks * per:
         raise CheckpointError(f"{source}: block numbering has gaps ({len(blocks)} blocks in {chunks} chunks)")
-    C = sd["pos_start"].shape[-1]
-    d_vae = sd["word_embed.weight"].shape[1]
-    heads = sd["block_chunks.0.module.0.sa.scale_mul_1H11"].numel()
-    Ct = sd["text_norm.weight"].shape[0]
+    C = shape_of(sd, "pos_start")[-1]
+    d_vae = shape_of(sd, "word_embed.weight")[1]
+    heads = math.prod(shape_of(sd, "block_chunks.0.module.0.sa.scale_mul_1H11"))
+    Ct = shape_of(sd, "text_norm.weight")[0]
 
     map_cfg: MapNetConfig | None = None
     if any(k.startswith("map_transformer.") for k in sd):
@@ -387,43 +462,179 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: str) -> TransformerConf
         depth=chunks * per,
         embed_dim=C,
         num_heads=heads,
-        ffn_hidden=sd["block_chunks.0.module.0.ffn.fc1.weight"].shape[0],
+        ffn_hidden=shape_of(sd, "block_chunks.0.module.0.ffn.fc1.weight")[0],
         text_channels=Ct,
-        text_maxlen=sd["cfg_uncond"].shape[0] if "cfg_uncond" in sd else 512,
+        text_maxlen=shape_of(sd, "cfg_uncond")[0] if "cfg_uncond" in sd else 512,
         block_chunks=chunks,
         codebook_dim=codebook,
         patchify=patchify,
-        pool_heads=sd["text_proj_for_sos.ca.mat_q"].shape[1],
-        num_lvl_embeds=sd["lvl_embed.weight"].shape[0],
+        pool_heads=shape_of(sd, "text_proj_for_sos.ca.mat_q")[1],
+        num_lvl_embeds=shape_of(sd, "lvl_embed.weight")[0],
         map_net=map_cfg,
     )
 
 
-def load_transformer(src, device="cpu", dtype: torch.dtype | None = None) -> Infinity:
+WEIGHT_FORMATS = ("dense", "fp8")
+
+
+def _block_index(name: str, per_chunk: int) -> int | None:
+    m = BLOCK_KEY.match(name)
+    return None if m is None else int(m.group(1)) * per_chunk + int(m.group(2))
+
+
+def is_fp8_target(name: str) -> bool:
+    """Block linear weights: the tensors fp8 storage applies to (8 C^2 + 2 C F per block, i.e.
+    99.98% of the block parameters)."""
+    return name.startswith("block_chunks.") and name.endswith(".weight") and (
+        ".sa.mat_qkv." in name or ".sa.proj." in name or ".ca.mat_q." in name or ".ca.mat_kv." in name
+        or ".ca.proj." in name or ".ffn.fc1." in name or ".ffn.fc2." in name
+    )
+
+
+def _checkpoint_state(src) -> tuple[Mapping[str, torch.Tensor], str]:
+    """Read + unwrap + normalise a transformer checkpoint (lazy / memory-mapped, nothing copied)."""
+    source = describe(src)
+    obj = read_checkpoint(src)
+    if not isinstance(obj, LazyStateDict) and isinstance(obj.get("trainer"), Mapping):
+        obj = obj["trainer"]  # upstream training checkpoints (`ar-*.pth`)
+    sd = _normalise_keys(unwrap(obj, CHECKPOINT_WRAPPERS, source))
+    if "cfg_uncond" in sd and shape_of(sd, "cfg_uncond")[0] > 512:
+        sd = replace_entry(sd, "cfg_uncond", lambda t: t[:512], (512, *shape_of(sd, "cfg_uncond")[1:]))
+    return sd, source
+
+
+def load_transformer(
+    src,
+    device="cpu",
+    dtype: torch.dtype | None = None,
+    *,
+    weight_format: str = "dense",
+    blocks_on_cpu: int = 0,
+    offload_text_and_map: bool = False,
+) -> Infinity:
     """Load NSARM.pth / Infinity weights (path, sharded folder or state dict) strictly.
 
     `dtype` applies to the transformer blocks (e.g. torch.bfloat16 as upstream); everything else
     (text path, embeddings, AdaLN projections, head, transformation network) stays float32.
     Absent `zero_k_bias` buffers are filled with zeros; `cfg_uncond` longer than 512 rows is cut.
+    The checkpoint is read one tensor at a time (safetensors lazily, .pth memory-mapped).
+
+    Memory options (all keep the numerics of the blocks' compute dtype, except fp8 storage):
+    - weight_format="fp8": the block linear weights (99.98% of the block parameters) are stored as
+      float8 e4m3 with one float32 scale per tensor (amax / 448), halving block memory versus
+      bf16; they are widened to the compute dtype (`dtype`, default bf16) on the fly.
+    - blocks_on_cpu=N: N blocks (spread evenly over the depth) live in (pinned) CPU memory and are
+      copied to `device` just before they run, the next one prefetched on a side CUDA stream
+      (at most two of them on the device at a time). Saves ~(N - 2) blocks of device memory; each
+      forward pass then moves N blocks over PCIe.
+    - offload_text_and_map=True: the transformation network and the text path (text_norm,
+      text_proj_for_sos, text_proj_for_ca, shared_ada_lin), which run once per sampling call, stay
+      on the CPU and visit the device only for that call (~2 GB less resident for NSARM-8B).
     """
-    source = describe(src)
-    obj = read_checkpoint(src)
-    if isinstance(obj.get("trainer"), Mapping):  # upstream training checkpoints (`ar-*.pth`)
-        obj = obj["trainer"]
-    sd = _normalise_keys(unwrap(obj, CHECKPOINT_WRAPPERS, source))
-    if "cfg_uncond" in sd and sd["cfg_uncond"].shape[0] > 512:
-        sd["cfg_uncond"] = sd["cfg_uncond"][:512]
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+    sd, source = _checkpoint_state(src)
     cfg = infer_config(sd, source)
+    if not 0 <= blocks_on_cpu <= cfg.depth:
+        raise ValueError(f"blocks_on_cpu must be in 0..{cfg.depth} (the model's depth), got {blocks_on_cpu}")
+    device = torch.device(device)
     with torch.device("meta"):
         model = Infinity(cfg)
     zero_bias = {
         name: torch.zeros(buf.shape) for name, buf in model.named_buffers() if name.endswith("zero_k_bias")
     }
-    block_dtype = dtype or torch.float32
+    fp8 = weight_format == "fp8"
+    block_dtype = dtype or (torch.bfloat16 if fp8 else torch.float32)
+    if fp8 and block_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"fp8 weights compute in bf16 / fp16 / fp32, got dtype={dtype}")
+    from . import lowvram
 
-    def dtype_for(name: str, _t: torch.Tensor) -> torch.dtype:
-        return block_dtype if name.startswith("block_chunks.") else torch.float32
+    swapped = set(lowvram.spread(blocks_on_cpu, cfg.depth))
+    offload = torch.device("cpu")
+    pin = device.type == "cuda"
+    scales: dict[str, float] = {}
+
+    def dtype_for(name: str, t: torch.Tensor) -> torch.dtype:
+        if not name.startswith("block_chunks."):
+            return torch.float32
+        # fp8: quantise from the checkpoint's own precision (e.g. float32 of NSARM.pth)
+        return t.dtype if fp8 and is_fp8_target(name) else block_dtype
+
+    def transform(name: str, t: torch.Tensor) -> torch.Tensor:
+        if fp8 and is_fp8_target(name):
+            t, scales[name] = lowvram.quantize_fp8(t)
+        if _block_index(name, cfg.blocks_per_chunk) in swapped or (
+                offload_text_and_map and name.split(".")[0] in lowvram.ONCE_PER_SAMPLE_MODULES):
+            t = lowvram.to_offload(t, offload, pin)
+        return t
 
     materialize(model, sd, source=source, kind="transformer", device=device, dtype_for=dtype_for,
-                defaults=zero_bias)
-    return model.eval().requires_grad_(False)
+                defaults=zero_bias, transform=transform)
+    model.eval().requires_grad_(False)
+    for name, scale in scales.items():
+        layer = model.get_submodule(name.rpartition(".")[0])
+        setattr(layer, FP8_ATTR, (scale, block_dtype))
+    model.weight_format = weight_format
+    if swapped:
+        model.swapper = lowvram.ModuleSwapper([model.blocks[i] for i in sorted(swapped)], device,
+                                              hooks=True, prefetch=True)
+    if offload_text_and_map:
+        parts = [getattr(model, n) for n in lowvram.ONCE_PER_SAMPLE_MODULES if getattr(model, n, None) is not None]
+        model.offloader = lowvram.ModuleSwapper(parts, device, hooks=False, prefetch=False)
+        if model.map_transformer is not None:
+            model.offloader.add_hooks(model.map_transformer)
+    return model
+
+
+def convert_checkpoint(src, dst, dtype: torch.dtype = torch.bfloat16, *, overwrite: bool = False,
+                       progress=None) -> dict[str, object]:
+    """Rewrite a transformer checkpoint (NSARM.pth, Infinity weights, safetensors) as one
+    .safetensors file whose block tensors are `dtype` and whose other tensors are float32, exactly
+    as `load_transformer(dtype=dtype)` would hold them (keys normalised, missing `zero_k_bias`
+    added, `cfg_uncond` cut to 512 rows). Streamed: one tensor in RAM at a time. Written
+    atomically; refuses an existing `dst` unless `overwrite`. Verified afterwards by re-reading the
+    header (keys, shapes, dtypes) and the coverage of the model built from it.
+
+    Returns {"path", "tensors", "bytes", "source_bytes"}.
+    """
+    sd, source = _checkpoint_state(src)
+    cfg = infer_config(sd, source)  # fails early on a file that is not a transformer
+    with torch.device("meta"):
+        model = Infinity(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    from .loading import coverage
+
+    cov = coverage(expected, sd)
+    missing = [k for k in cov.missing if not k.endswith("zero_k_bias")]
+    if missing or cov.unexpected or cov.mismatched:
+        cov.missing = missing
+        raise CheckpointError(f"{source}: does not fit the transformer: {cov.summary()}")
+
+    def target_dtype(key: str, stored: torch.dtype) -> torch.dtype:
+        if not stored.is_floating_point:
+            return stored
+        return dtype if key.startswith("block_chunks.") else torch.float32
+
+    def entry(key: str) -> LazyEntry:
+        if key not in sd:  # zero_k_bias buffers absent from upstream checkpoints
+            want = target_dtype(key, torch.float32)
+            return LazyEntry(lambda: torch.zeros(expected[key], dtype=want), expected[key], want)
+        stored = sd[key].dtype if not isinstance(sd, LazyStateDict) else sd.dtype(key)
+        want = target_dtype(key, stored)
+        return LazyEntry(lambda: sd[key].to(want).contiguous(), shape_of(sd, key), want)
+
+    entries = {k: entry(k) for k in expected}
+    meta = {"format": "pt", "nsarm_converted_from": os.path.basename(source),
+            "nsarm_block_dtype": str(dtype).removeprefix("torch."), "nsarm_other_dtype": "float32"}
+    path = write_safetensors(dst, entries, meta, overwrite=overwrite, progress=progress)
+    # Verify: the header lists exactly the expected keys, shapes and dtypes.
+    back = read_checkpoint(path)
+    bad = [k for k in expected if k not in back or back.shape(k) != expected[k]
+           or back.dtype(k) != entries[k].dtype]
+    if bad or len(back) != len(expected):
+        os.replace(path, str(path) + ".invalid")
+        raise CheckpointError(f"{path}: verification failed for {bad[:8]} (moved to {path}.invalid)")
+    infer_config(back, str(path))
+    src_bytes = sum(math.prod(shape_of(sd, k)) * (sd.dtype(k) if isinstance(sd, LazyStateDict) else sd[k].dtype).itemsize
+                    for k in sd)
+    return {"path": path, "tensors": len(back), "bytes": back.nbytes(), "source_bytes": src_bytes}
