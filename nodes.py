@@ -24,19 +24,21 @@ from torch import nn
 
 try:  # loaded by ComfyUI as a package
     from .nsarm_nodes import colorfix, tiling
+    from .nsarm_nodes.lowvram import estimate_for
     from .nsarm_nodes.config import DEFAULT_PROMPT
     from .nsarm_nodes.pipeline import NSARMPipeline
     from .nsarm_nodes.sampler import sample, transformation_bits
     from .nsarm_nodes.text import PromptCache, PromptEmbeds, T5TextEncoder
-    from .nsarm_nodes.transformer import load_transformer
+    from .nsarm_nodes.transformer import WEIGHT_FORMATS, load_transformer
     from .nsarm_nodes.vae import load_vae
 except ImportError:  # loaded by path (headless runner, tests)
     from nsarm_nodes import colorfix, tiling
+    from nsarm_nodes.lowvram import estimate_for
     from nsarm_nodes.config import DEFAULT_PROMPT
     from nsarm_nodes.pipeline import NSARMPipeline
     from nsarm_nodes.sampler import sample, transformation_bits
     from nsarm_nodes.text import PromptCache, PromptEmbeds, T5TextEncoder
-    from nsarm_nodes.transformer import load_transformer
+    from nsarm_nodes.transformer import WEIGHT_FORMATS, load_transformer
     from nsarm_nodes.vae import load_vae
 
 try:
@@ -173,11 +175,12 @@ class NSARMModel:
     name: str
 
     @contextlib.contextmanager
-    def session(self, memory_required: int = 0):
-        """Weights on the compute device (through ComfyUI's manager when present) and the chosen
-        attention kernel for the duration of a node call."""
+    def session(self, batch: int = 1, cfg: float = 1.0):
+        """Weights on the compute device (through ComfyUI's manager, which first frees room for the
+        estimated activations of `batch` tiles) and the chosen attention kernel, for one node call."""
         if self.patcher is not None:
-            mm.load_models_gpu([self.patcher], memory_required=memory_required)
+            need = estimate_for(self.pipeline.transformer, self.pipeline.vae, batch, cfg_scale=cfg).inference
+            mm.load_models_gpu([self.patcher], memory_required=need)
         kernel = contextlib.nullcontext()
         if self.attention == "math":
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -273,13 +276,26 @@ class NSARMModelLoader:
                                      "on GPUs that support it, else fp32 (AdaLN, head and text path stay fp32)"}),
             "attention": (list(ATTENTION), {"default": "auto", "tooltip": "auto = PyTorch SDPA picks flash/"
                                             "memory-efficient kernels; math = reference kernel (slow)"}),
+        }, "optional": {
+            "weight_format": (list(WEIGHT_FORMATS), {"default": "dense", "tooltip": "fp8 = block linear weights "
+                              "stored as float8 e4m3 with a per-tensor scale (half the memory of bf16, small "
+                              "numerical change), computed in bf16"}),
+            "blocks_on_cpu": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": "keep this many transformer "
+                              "blocks in CPU memory and stream them in ahead of use (less VRAM, slower)"}),
+            "offload_text_and_map": ("BOOLEAN", {"default": False, "tooltip": "keep the text path and the "
+                                     "transformation network (~2 GB, used once per run) in CPU memory"}),
         }}
 
-    def load(self, checkpoint, vae, text_encoder, dtype, attention):
+    def load(self, checkpoint, vae, text_encoder, dtype, attention, weight_format="dense", blocks_on_cpu=0,
+             offload_text_and_map=False):
         load_device = _device()
-        home = _offload_device()
+        # Streamed (swapped / offloaded) weights manage their own placement: they are loaded for the
+        # compute device directly and kept out of ComfyUI's model manager, which would move them all.
+        self_managed = blocks_on_cpu > 0 or offload_text_and_map
+        home = load_device if self_managed else _offload_device()
         transformer = load_transformer(_resolve(MODELS_FOLDER, checkpoint), device=home,
-                                       dtype=_block_dtype(dtype, load_device))
+                                       dtype=_block_dtype(dtype, load_device), weight_format=weight_format,
+                                       blocks_on_cpu=blocks_on_cpu, offload_text_and_map=offload_text_and_map)
         vae_model = load_vae(_resolve(MODELS_FOLDER, vae), device=home)
         encoder = None
         if text_encoder != CACHED_PROMPTS_ONLY:
@@ -288,7 +304,7 @@ class NSARMModelLoader:
         pipe = NSARMPipeline(transformer, vae_model, encoder, PromptCache(_prompt_cache_dir()))
         weights = NSARMWeights(transformer, vae_model)
         patcher = None
-        if mm is not None:
+        if mm is not None and not self_managed:
             patcher = comfy.model_patcher.ModelPatcher(weights, load_device=load_device, offload_device=home)
         return (NSARMModel(pipe, weights, patcher, attention, checkpoint),)
 
@@ -367,7 +383,7 @@ class NSARMBitwiseDecode:
         n = scales.images.shape[0]
         if cond.batch_size not in (1, n):
             raise ValueError(f"cond holds {cond.batch_size} prompts for {n} images: give one prompt or one per image")
-        with model.session() as pipe:
+        with model.session(n, cfg) as pipe:
             res = sample(pipe.transformer, pipe.vae, cond, seed=_seeds(seed, n), replaced_bits=scales.bits,
                          tau=tau, top_p=top_p, cfg=cfg, next_scale_mode=mode,
                          negative_text=negative if cfg != 1.0 else None, progress=_Progress())
@@ -506,7 +522,7 @@ class NSARMUpscale:
 
     def upscale(self, model, image, prompt, seed, tile_overlap, tile_batch_size=1, color_fix="adain+wavelet",
                 output_scale=4.0, tau=0.5, top_p=0.97, cfg=1.0, mode="area", blend="cosine"):
-        with model.session() as pipe:
+        with model.session(tile_batch_size, cfg) as pipe:
             out = pipe(image, prompt=prompt, seed=seed, tau=tau, top_p=top_p, cfg=cfg, next_scale_mode=mode,
                        color_fix=color_fix, tile_overlap=tile_overlap, tile_batch_size=tile_batch_size,
                        blend=blend, output_scale=output_scale, progress=_Progress())
