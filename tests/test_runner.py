@@ -751,3 +751,19 @@ def test_one_node_upscale_equals_the_tiled_node_chain(e2e):
     b = png_pixels(e2e["outputs"]["nsarm_tiled_upscale"])
     assert np.array_equal(a, b), f"max diff {np.abs(a.astype(int) - b.astype(int)).max()}"
 
+
+
+def test_workflow_saved_before_optional_inputs_were_appended_still_converts():
+    """Node inputs are only ever appended as optional: a workflow saved with fewer widget values
+    (e.g. the loader before its low-VRAM options existed) keeps its values and gets defaults."""
+    import json
+
+    from nsarm_nodes.runner import ui_to_api
+
+    wf = json.loads((ROOT / "workflows" / "nsarm_upscale.json").read_text())
+    loader = next(n for n in wf["nodes"] if n["type"] == "NSARMModelLoader")
+    loader["widgets_values"] = loader["widgets_values"][:5]
+    api = ui_to_api(wf)
+    inputs = next(v for v in api.values() if v["class_type"] == "NSARMModelLoader")["inputs"]
+    assert inputs == {"checkpoint": "NSARM.pth", "vae": "infinity_vae_d56_f8_14_patchify.pth",
+                      "text_encoder": "flan-t5-xl", "dtype": "auto", "attention": "auto"}
