@@ -42,7 +42,7 @@ class WeightFile:
 WEIGHTS = (
     WeightFile(
         "transformer", "nsarm", ("NSARM.safetensors", "NSARM_bf16.safetensors", "NSARM.pth"),
-        "~35 GB (fp32 .pth; 17.5 GB as bf16 safetensors)", "16905db52d64fd44c365b6a963a6598d (NSARM.pth)",
+        "~35 GB (fp32 .pth; 18.6 GB converted to bf16 safetensors)", "16905db52d64fd44c365b6a963a6598d (NSARM.pth)",
         "NSARM README (github.com/Xiangtaokong/NSARM): Google Drive folder 1AFTGsTjvvaQvjzlG7x606tFJdmi-9n_4 "
         "or Baidu Drive (key eqhc); join the parts with `cat NSARM_part_* > NSARM.pth`",
     ),
