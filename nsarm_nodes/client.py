@@ -236,17 +236,20 @@ def _unknown_nodes(base: str, prompt: Mapping[str, Any], timeout: float) -> list
 
 def _prompt_rejected(base: str, status: int, body: Any, prompt: Mapping[str, Any], timeout: float) -> ComfyClientError:
     lines = [f"ComfyUI at {base} rejected the workflow (HTTP {status})"]
+    invalid_prompt = False
     if isinstance(body, dict):
         err = body.get("error")
         if isinstance(err, dict):
             lines[0] += f": {err.get('message', '')}"
+            invalid_prompt = err.get("type") == "invalid_prompt"
             if err.get("details") and not body.get("node_errors"):
                 lines.append(f"  {err['details']}")
         elif err:
             lines[0] += f": {err}"
         lines += _format_node_errors(body.get("node_errors") or {}, prompt)
-    # The 2024 ComfyUI answers an unknown class_type with a bare HTTP 500: name the culprits.
-    if status >= 500 or len(lines) == 1:
+    # An unknown class_type: the 2024 ComfyUI answers with a bare HTTP 500, current ones with 400
+    # invalid_prompt ("node X does not exist", details "Node ID '#2'"). Name the culprits either way.
+    if status >= 500 or len(lines) == 1 or invalid_prompt:
         lines += _unknown_nodes(base, prompt, timeout)
     if len(lines) == 1 and body:
         lines.append(f"  {str(body)[:500]}")

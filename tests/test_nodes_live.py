@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import urllib.error
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from comfy_server import PACK_NAME, comfy_server  # noqa: F401  (fixture)
 from nsarm_nodes import runner
 from nsarm_nodes.client import queue_workflow
-from test_runner import API_DIR, CASES, EXTRA_SETS, NAMES, TINY_SETS, e2e_outputs, png_pixels
+from test_runner import API_DIR, CASES, EXTRA_SETS, NAMES, TINY_SETS, WORKFLOWS, e2e_outputs, png_pixels
 
 # The stable node API: id -> (required inputs, optional inputs, outputs). Inputs are (name, type);
 # a combo is "COMBO". New inputs may only be appended as optional.
@@ -92,6 +93,23 @@ def test_loader_lists_the_installed_models(comfy_server, live):  # noqa: F811
     info = comfy_server.get_json("/object_info/NSARMModelLoader")["NSARMModelLoader"]["input"]["required"]
     assert {"NSARM.safetensors", "infinity_vae_d56_f8_14_patchify.safetensors"} <= set(info["checkpoint"][0])
     assert "flan-t5-xl" in info["text_encoder"][0]
+
+
+def test_shipped_workflows_are_the_packs_templates(comfy_server):  # noqa: F811
+    """Current ComfyUI (0.3.64 checked) offers each pack's example workflows under Workflow > Browse
+    Templates: GET /workflow_templates lists <pack>/{example_workflows,example,examples,workflow,
+    workflows}/*.json (not subfolders, so workflows/api/ stays out) and serves them at
+    /api/workflow_templates/<pack>/<file>. The 2024 ComfyUI has no such route."""
+    try:
+        templates = comfy_server.get_json("/workflow_templates")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            pytest.skip("this ComfyUI has no /workflow_templates (the 2024 one)")
+        raise
+    assert sorted(templates.get(PACK_NAME, [])) == sorted(NAMES), templates
+    for name in NAMES:
+        served = comfy_server.get_json(f"/api/workflow_templates/{PACK_NAME}/{name}.json")
+        assert served == json.loads((WORKFLOWS / f"{name}.json").read_text()), name
 
 
 @pytest.mark.parametrize("name", NAMES)
