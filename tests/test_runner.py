@@ -200,9 +200,10 @@ def test_shipped_ui_workflow_is_consistent(name):
             assert props["cnr_id"] == "comfy-core"
     (loader,) = [n for n in wf["nodes"] if n["type"] == "NSARMModelLoader"]
     assert loader["widgets_values"][:3] == ["NSARM.pth", "infinity_vae_d56_f8_14_patchify.pth", "flan-t5-xl"]
-    models = {m["name"]: m for m in loader["properties"]["models"]}
-    assert set(models) == {"NSARM.pth", "infinity_vae_d56_f8_14_patchify.pth", "flan-t5-xl"}
-    assert all(m["url"].startswith("https://") and m["directory"] for m in models.values())
+    # No `properties.models`: the current frontend only downloads .safetensors from a few hosts, so
+    # entries for NSARM.pth (Google Drive), the .pth VAE and the T5 folder would open a red
+    # "missing models" dialog on every load. The README's weight table says where they come from.
+    assert "models" not in loader["properties"]
 
 
 def test_workflow_templates_folder_layout():
