@@ -228,10 +228,6 @@ def _encode(model: NSARMModel, prompts: list[str]) -> PromptEmbeds:
     return embeds
 
 
-def _seeds(seed: int, n: int) -> list[int]:
-    return [(seed + i) % (MAX_SEED + 1) for i in range(n)]
-
-
 def _to_output(images: torch.Tensor) -> torch.Tensor:
     return images.to(_output_device())
 
@@ -384,7 +380,7 @@ class NSARMBitwiseDecode:
         if cond.batch_size not in (1, n):
             raise ValueError(f"cond holds {cond.batch_size} prompts for {n} images: give one prompt or one per image")
         with model.session(n, cfg) as pipe:
-            res = sample(pipe.transformer, pipe.vae, cond, seed=_seeds(seed, n), replaced_bits=scales.bits,
+            res = sample(pipe.transformer, pipe.vae, cond, seed=[seed + i for i in range(n)], replaced_bits=scales.bits,
                          tau=tau, top_p=top_p, cfg=cfg, next_scale_mode=mode,
                          negative_text=negative if cfg != 1.0 else None, progress=_Progress())
         return (NSARMLatent(res.summed_codes.cpu()),)

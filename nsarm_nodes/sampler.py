@@ -106,11 +106,14 @@ def transformation_bits(transformer, lr_features: torch.Tensor,
     return bits
 
 
+SEED_MODULUS = 2**64  # torch generators take seeds in [0, 2^64); larger ones (seed + tile index) wrap
+
+
 def _generators(seed, batch: int, device) -> list[torch.Generator]:
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * batch
     if len(seeds) != batch:
         raise ValueError(f"got {len(seeds)} seeds for a batch of {batch}")
-    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    return [torch.Generator(device=device).manual_seed(int(s) % SEED_MODULUS) for s in seeds]
 
 
 @torch.no_grad()
@@ -140,7 +143,7 @@ def sample(
     [B, d, 32, 32]; when given, the first K scales come from the transformation network.
     replaced_bits: precomputed `transformation_bits` (instead of lr_features).
     seed: one seed for every item, or one per item (item b with seed s gives the same result as a
-    batch of one with seed s). forced_bits: per-scale token bits that replace the model's choice
+    batch of one with seed s); any non-negative int, taken modulo 2^64. forced_bits: per-scale token bits that replace the model's choice
     (teacher forcing), None entries sample. progress(si, n_scales) is called after each scale and
     may raise to interrupt. With cfg != 1, `.logits` are the CFG-mixed logits times tau.
     """
@@ -220,7 +223,7 @@ def sample(
             return None
         return forced_bits[si]
 
-    def add_scale(si: int, latent_bits: torch.Tensor) -> None:
+    def add_scale(latent_bits: torch.Tensor) -> None:
         nonlocal summed
         bits_out.append(latent_to_tokens(latent_bits, cfgm.patchify).to(torch.uint8))
         summed = summed + up(bits_to_codes(latent_bits), full)
@@ -240,7 +243,7 @@ def sample(
         # Scales 0..K-1 have known bits: build all their inputs, then one block-causal pass.
         xs = [cond.x_sos + lvl[0]]
         for si in range(K):
-            add_scale(si, scale_bits(si, None))
+            add_scale(scale_bits(si, None))
             if si + 1 < K:
                 xs.append(next_input(si + 1) + lvl[si + 1])
         n = offsets[K - 1] + counts[K - 1]
@@ -269,7 +272,7 @@ def sample(
                 logits_out.append(lg * tau)
             if si >= K and forced(si) is None:
                 sampled = sample_bits(lg, top_p, generators)
-        add_scale(si, scale_bits(si, sampled))
+        add_scale(scale_bits(si, sampled))
         if si + 1 < n_scales:
             x = next_input(si + 1)
         if progress:

@@ -350,3 +350,13 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path, model):
         sample(model, FakeVAE(), text_of(run), lr_features(), seed=0)
     with pytest.raises(ValueError, match="next_scale_mode"):
         sample(model, None, text_of(run), lr_features(), seed=0, next_scale_mode="bicubic")
+
+
+def test_seeds_past_2_64_wrap_instead_of_overflowing(model):
+    """Tile i uses seed + i, so a seed at the widget maximum (2^64 - 1) must not overflow."""
+    run = golden("nsarm_run_area")
+    schedule = scale_schedule(1.0, "0.25M")
+    two = torch.cat([lr_features(), lr_features()])
+    big = sample(model, None, text_of(run), two, seed=[2**64 - 1, 2**64 + 4], schedule=schedule)
+    wrapped = sample(model, None, text_of(run), two, seed=[2**64 - 1, 4], schedule=schedule)
+    assert all(torch.equal(a, b) for a, b in zip(big.bits, wrapped.bits))
