@@ -21,6 +21,7 @@ lengths are read once in `condition`, the block-causal prefill mask is cached pe
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -35,7 +36,9 @@ from .loading import (
     CheckpointError,
     LazyEntry,
     LazyStateDict,
+    coverage,
     describe,
+    dtype_of,
     materialize,
     read_checkpoint,
     replace_entry,
@@ -383,8 +386,6 @@ class Infinity(nn.Module):
 def _resident(swapper, module=None):
     """Context in which `module` (a module or a tuple of them; default: everything `swapper`
     manages) is on the device; a no-op without a swapper or for modules it does not manage."""
-    import contextlib
-
     if swapper is None or (isinstance(module, nn.Module) and not swapper.manages(module)):
         return contextlib.nullcontext()
     return swapper.resident(module)
@@ -602,8 +603,6 @@ def convert_checkpoint(src, dst, dtype: torch.dtype = torch.bfloat16, *, overwri
     with torch.device("meta"):
         model = Infinity(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    from .loading import coverage
-
     cov = coverage(expected, sd)
     missing = [k for k in cov.missing if not k.endswith("zero_k_bias")]
     if missing or cov.unexpected or cov.mismatched:
@@ -619,8 +618,7 @@ def convert_checkpoint(src, dst, dtype: torch.dtype = torch.bfloat16, *, overwri
         if key not in sd:  # zero_k_bias buffers absent from upstream checkpoints
             want = target_dtype(key, torch.float32)
             return LazyEntry(lambda: torch.zeros(expected[key], dtype=want), expected[key], want)
-        stored = sd[key].dtype if not isinstance(sd, LazyStateDict) else sd.dtype(key)
-        want = target_dtype(key, stored)
+        want = target_dtype(key, dtype_of(sd, key))
         return LazyEntry(lambda: sd[key].to(want).contiguous(), shape_of(sd, key), want)
 
     entries = {k: entry(k) for k in expected}
@@ -635,6 +633,5 @@ def convert_checkpoint(src, dst, dtype: torch.dtype = torch.bfloat16, *, overwri
         os.replace(path, str(path) + ".invalid")
         raise CheckpointError(f"{path}: verification failed for {bad[:8]} (moved to {path}.invalid)")
     infer_config(back, str(path))
-    src_bytes = sum(math.prod(shape_of(sd, k)) * (sd.dtype(k) if isinstance(sd, LazyStateDict) else sd[k].dtype).itemsize
-                    for k in sd)
+    src_bytes = sum(math.prod(shape_of(sd, k)) * dtype_of(sd, k).itemsize for k in sd)
     return {"path": path, "tensors": len(back), "bytes": back.nbytes(), "source_bytes": src_bytes}
