@@ -151,19 +151,12 @@ def _user_exception(exc: BaseException) -> bool:
 
 def _place(src: Path, dest: Path, overwrite: bool) -> None:
     """Move a finished file into place in one step; never replaces ``dest`` unless ``overwrite``."""
+    from .files import place_new
+
     if overwrite:
         os.replace(src, dest)
-        return
-    try:
-        os.link(src, dest)  # atomic, fails when dest exists
-    except FileExistsError:
-        raise UserError(f"{dest}: already exists; pass --overwrite to replace it or choose another --output") from None
-    except OSError:  # no hard links on this file system
-        if dest.exists():
-            raise UserError(f"{dest}: already exists; pass --overwrite to replace it") from None
-        os.replace(src, dest)
-        return
-    os.unlink(src)
+    elif place_new(src, [dest]) is None:
+        raise UserError(f"{dest}: already exists; pass --overwrite to replace it or choose another --output")
 
 
 def cmd_run(args) -> int:

@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .files import place_new
+
 __all__ = [
     "ComfyClientError",
     "LOAD_IMAGE_TYPES",
@@ -466,20 +468,10 @@ def _commit(tmp: Path, dest: Path, overwrite: bool) -> Path:
         os.replace(tmp, dest)
         return dest
     stem, suffix = dest.stem, dest.suffix
-    for i in range(10000):
-        cand = dest if i == 0 else dest.with_name(f"{stem}_{i}{suffix}")
-        try:
-            os.link(tmp, cand)  # atomic, fails if the name exists
-        except FileExistsError:
-            continue
-        except OSError:  # no hard links on this file system: check, then rename
-            if cand.exists():
-                continue
-            os.replace(tmp, cand)
-            return cand
-        os.unlink(tmp)
-        return cand
-    raise ComfyClientError(f"no free file name for {dest}")
+    placed = place_new(tmp, (dest if i == 0 else dest.with_name(f"{stem}_{i}{suffix}") for i in range(10000)))
+    if placed is None:
+        raise ComfyClientError(f"no free file name for {dest}")
+    return placed
 
 
 def queue_workflow(server: str, api_prompt: Mapping[str, Any], inputs: Mapping[str, Path | str] | None = None,

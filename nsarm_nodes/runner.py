@@ -42,6 +42,7 @@ import contextlib
 import copy
 import importlib.util
 import inspect
+import itertools
 import json
 import os
 import re
@@ -52,6 +53,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .files import place_new
 
 __all__ = [
     "NodeExecutionError",
@@ -837,24 +840,10 @@ def _commit(staged: list[_Staged]) -> None:
     done: list[_Staged] = []
     try:
         for item in staged:
-            counter = _next_counter(item.folder, item.prefix)
-            while True:
-                cand = item.folder / f"{item.prefix}_{counter:05}_.png"
-                try:
-                    os.link(item.tmp, cand)  # atomic and fails when the name exists
-                except FileExistsError:
-                    counter += 1
-                    continue
-                except OSError:  # no hard links here: check, then rename
-                    if cand.exists():
-                        counter += 1
-                        continue
-                    os.replace(item.tmp, cand)
-                item.final = cand
-                done.append(item)
-                break
-            with contextlib.suppress(FileNotFoundError):
-                item.tmp.unlink()
+            names = (item.folder / f"{item.prefix}_{n:05}_.png"
+                     for n in itertools.count(_next_counter(item.folder, item.prefix)))
+            item.final = place_new(item.tmp, names)
+            done.append(item)
     except BaseException:
         for item in done:
             with contextlib.suppress(OSError):
