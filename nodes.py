@@ -15,6 +15,8 @@ Custom types (immutable once returned; ComfyUI caches and shares outputs):
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,22 +25,24 @@ import torch
 from torch import nn
 
 try:  # loaded by ComfyUI as a package
-    from .nsarm_nodes import colorfix, tiling
+    from .nsarm_nodes import colorfix, options, tiling
+    from .nsarm_nodes.images import check_image
     from .nsarm_nodes.lowvram import estimate_for
     from .nsarm_nodes.config import DEFAULT_PROMPT
     from .nsarm_nodes.pipeline import NSARMPipeline
     from .nsarm_nodes.sampler import sample, transformation_bits
     from .nsarm_nodes.text import PromptCache, PromptEmbeds, T5TextEncoder
-    from .nsarm_nodes.transformer import WEIGHT_FORMATS, load_transformer
+    from .nsarm_nodes.transformer import load_transformer
     from .nsarm_nodes.vae import load_vae
 except ImportError:  # loaded by path (headless runner, tests)
-    from nsarm_nodes import colorfix, tiling
+    from nsarm_nodes import colorfix, options, tiling
+    from nsarm_nodes.images import check_image
     from nsarm_nodes.lowvram import estimate_for
     from nsarm_nodes.config import DEFAULT_PROMPT
     from nsarm_nodes.pipeline import NSARMPipeline
     from nsarm_nodes.sampler import sample, transformation_bits
     from nsarm_nodes.text import PromptCache, PromptEmbeds, T5TextEncoder
-    from nsarm_nodes.transformer import WEIGHT_FORMATS, load_transformer
+    from nsarm_nodes.transformer import load_transformer
     from nsarm_nodes.vae import load_vae
 
 try:
@@ -54,12 +58,7 @@ MODELS_FOLDER = "nsarm"
 TEXT_FOLDER = "text_encoders"
 PROMPT_CACHE_FOLDER = "nsarm_prompt_cache"
 CACHED_PROMPTS_ONLY = "cached prompts only"
-DTYPES = ("auto", "bf16", "fp16", "fp32")
-ATTENTION = ("auto", "math")
-NEXT_SCALE_MODES = ("area", "trilinear")
-COLOR_FIXES = colorfix.METHODS
-BLENDS = tiling.BLEND_MODES
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
+widget = options.widget  # every number / choice widget comes from the option table (nsarm_nodes/options.py)
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".sft")  # as ComfyUI's model lists
 LR_SIDE = 256
 
@@ -236,19 +235,33 @@ def _to_output(images: torch.Tensor) -> torch.Tensor:
 # Nodes
 
 
+def _checked(method):
+    """Validate a node call before any work (ComfyUI's own checks let NaN through and skip tensors):
+    widget values against the node's INPUT_TYPES, i.e. the option table (type, finite, in range, one
+    of the choices), and IMAGE inputs with `check_image` (empty batch, NaN/inf refused; grayscale to
+    RGB, alpha dropped, values clamped to [0, 1]). Errors name the node and the input."""
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        cls = type(self)
+        title = NODE_DISPLAY_NAME_MAPPINGS.get(cls.__name__, cls.__name__)
+        values = signature.bind(self, *args, **kwargs).arguments
+        del values["self"]
+        spec = cls.INPUT_TYPES()
+        values.update(options.check_widgets(title, spec, values, skip=getattr(cls, "FILE_INPUTS", ())))
+        for section in ("required", "optional"):
+            for name, entry in (spec.get(section) or {}).items():
+                if entry[0] == "IMAGE" and values.get(name) is not None:
+                    values[name] = check_image(values[name], f"{title}: input {name!r}")
+        return method(self, **values)
+
+    return call
+
+
 def _sampling_inputs() -> dict:
     """tau, top_p, cfg, mode widgets shared by NSARMBitwiseDecode and NSARMUpscale (in this order)."""
-    return {
-        "tau": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 5.0, "step": 0.01,
-                          "tooltip": "sampling temperature; NSARM uses 0.5, lower = more deterministic"}),
-        "top_p": ("FLOAT", {"default": 0.97, "min": 0.5, "max": 1.0, "step": 0.01,
-                            "tooltip": "bits whose less likely value has probability <= 1 - top_p "
-                                       "are decided deterministically"}),
-        "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 20.0, "step": 0.1,
-                          "tooltip": "classifier-free guidance; NSARM uses 1 (off, fastest)"}),
-        "mode": (list(NEXT_SCALE_MODES), {"default": "area", "tooltip": "next-scale input resampling: "
-                                          "area (NSARM) or trilinear (current upstream Infinity)"}),
-    }
+    return {name: widget(name) for name in ("tau", "top_p", "cfg", "mode")}
 
 
 class NSARMModelLoader:
@@ -258,6 +271,7 @@ class NSARMModelLoader:
     RETURN_TYPES = ("NSARM_MODEL",)
     RETURN_NAMES = ("model",)
     FUNCTION = "load"
+    FILE_INPUTS = ("checkpoint", "vae", "text_encoder")  # resolved (with a clear error) by _resolve
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -268,20 +282,15 @@ class NSARMModelLoader:
             "text_encoder": ([CACHED_PROMPTS_ONLY] + _text_encoder_folders(), {
                 "tooltip": "Flan-T5-XL folder in models/text_encoders, loaded only for prompts not yet "
                            "cached; 'cached prompts only' never loads it"}),
-            "dtype": (list(DTYPES), {"default": "auto", "tooltip": "transformer block weights; auto = bf16 "
-                                     "on GPUs that support it, else fp32 (AdaLN, head and text path stay fp32)"}),
-            "attention": (list(ATTENTION), {"default": "auto", "tooltip": "auto = PyTorch SDPA picks flash/"
-                                            "memory-efficient kernels; math = reference kernel (slow)"}),
+            "dtype": widget("dtype"),
+            "attention": widget("attention"),
         }, "optional": {
-            "weight_format": (list(WEIGHT_FORMATS), {"default": "dense", "tooltip": "fp8 = block linear weights "
-                              "stored as float8 e4m3 with a per-tensor scale (half the memory of bf16, small "
-                              "numerical change), computed in bf16"}),
-            "blocks_on_cpu": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": "keep this many transformer "
-                              "blocks in CPU memory and stream them in ahead of use (less VRAM, slower)"}),
-            "offload_text_and_map": ("BOOLEAN", {"default": False, "tooltip": "keep the text path and the "
-                                     "transformation network (~2 GB, used once per run) in CPU memory"}),
+            "weight_format": widget("weight_format"),
+            "blocks_on_cpu": widget("blocks_on_cpu"),
+            "offload_text_and_map": widget("offload_text_and_map"),
         }}
 
+    @_checked
     def load(self, checkpoint, vae, text_encoder, dtype, attention, weight_format="dense", blocks_on_cpu=0,
              offload_text_and_map=False):
         load_device = _device()
@@ -321,6 +330,7 @@ class NSARMTextEncode:
                                   "tooltip": "description of the image (may be empty)"}),
         }}
 
+    @_checked
     def encode(self, model, prompt):
         return (_encode(model, [prompt]),)
 
@@ -340,6 +350,7 @@ class NSARMEncodeLR:
             "image": ("IMAGE", {"tooltip": "batch of 256x256 LR images (or tiles from NSARM Tile)"}),
         }}
 
+    @_checked
     def encode(self, model, image):
         if tuple(image.shape[1:3]) != (LR_SIDE, LR_SIDE):
             raise ValueError(f"NSARM Encode LR needs {LR_SIDE}x{LR_SIDE} images, got {image.shape[2]}x"
@@ -363,8 +374,8 @@ class NSARMBitwiseDecode:
             "required": {
                 "model": ("NSARM_MODEL", {"tooltip": "from NSARM Model Loader"}),
                 "scales": ("NSARM_SCALES", {"tooltip": "from NSARM Encode LR"}),
-                "seed": ("INT", {"default": 1, "min": 0, "max": MAX_SEED, "control_after_generate": True,
-                                 "tooltip": "random seed of the bit sampler (item i of the batch uses seed + i)"}),
+                "seed": widget("seed", control_after_generate=True,
+                               tooltip="random seed of the bit sampler (item i of the batch uses seed + i)"),
                 **_sampling_inputs(),
             },
             "optional": {
@@ -373,6 +384,7 @@ class NSARMBitwiseDecode:
             },
         }
 
+    @_checked
     def decode(self, model, scales, seed, tau, top_p, cfg, mode, cond=None, negative=None):
         if cond is None:
             cond = _encode(model, [DEFAULT_PROMPT])
@@ -400,6 +412,7 @@ class NSARMDecode:
             "latent": ("NSARM_LATENT", {"tooltip": "from NSARM Bitwise Decode"}),
         }}
 
+    @_checked
     def decode(self, model, latent):
         out = []
         with model.session() as pipe:
@@ -422,9 +435,10 @@ class NSARMColorFix:
         return {"required": {
             "image": ("IMAGE", {"tooltip": "the upscaled image(s)"}),
             "reference": ("IMAGE", {"tooltip": "the LR image(s) whose colours to keep (any size; one for all or one per image)"}),
-            "method": (list(COLOR_FIXES), {"default": "adain+wavelet", "tooltip": "NSARM default: adain+wavelet"}),
+            "method": widget("color_fix", tooltip="NSARM default: adain+wavelet; none returns the image unchanged"),
         }}
 
+    @_checked
     def fix(self, image, reference, method):
         b = image.shape[0]
         if reference.shape[0] not in (1, b):
@@ -447,19 +461,17 @@ class NSARMTile:
         return {
             "required": {
                 "image": ("IMAGE", {"tooltip": "images of any size"}),
-                "tile_size": ("INT", {"default": 256, "min": tiling.MIN_TILE_SIZE, "max": 4096, "step": 8,
-                                      "tooltip": "tile side in input pixels; NSARM needs 256"}),
-                "overlap": ("INT", {"default": 32, "min": 0, "max": 2048, "step": 8,
-                                    "tooltip": "minimum overlap between neighbouring tiles (at most tile_size / 2)"}),
+                "tile_size": widget("tile_size"),
+                "overlap": widget("overlap"),
             },
             "optional": {
-                "align": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "tile positions on multiples "
-                                  "of this; use q for a non-integer upscaler p/q (e.g. 2 for 2.5x)"}),
+                "align": widget("align"),
             },
         }
 
+    @_checked
     def tile(self, image, tile_size, overlap, align=1):
-        tiles, grid = tiling.tile(tiling.to_rgb(image), tile_size, overlap, align=align)
+        tiles, grid = tiling.tile(image, tile_size, overlap, align=align)
         return (tiles, grid)
 
 
@@ -476,9 +488,10 @@ class NSARMUntile:
         return {"required": {
             "image": ("IMAGE", {"tooltip": "processed tiles, in the order NSARM Tile made them"}),
             "tile_info": ("NSARM_TILES", {"tooltip": "from NSARM Tile"}),
-            "blend": (list(BLENDS), {"default": "cosine", "tooltip": "overlap blending; none = hard cut"}),
+            "blend": widget("blend"),
         }}
 
+    @_checked
     def untile(self, image, tile_info, blend):
         return (tiling.untile(image, tile_info, blend),)
 
@@ -499,23 +512,19 @@ class NSARMUpscale:
                 "image": ("IMAGE", {"tooltip": "images of any size"}),
                 "prompt": ("STRING", {"multiline": True, "default": DEFAULT_PROMPT,
                                       "tooltip": "description of the image (may be empty)"}),
-                "seed": ("INT", {"default": 1, "min": 0, "max": MAX_SEED, "control_after_generate": True,
-                                 "tooltip": "random seed (tile i uses seed + i)"}),
-                "tile_overlap": ("INT", {"default": 32, "min": 0, "max": 128, "step": 8,
-                                         "tooltip": "minimum overlap of the 256 px LR tiles"}),
+                "seed": widget("seed", control_after_generate=True, tooltip="random seed (tile i uses seed + i)"),
+                "tile_overlap": widget("tile_overlap"),
             },
             "optional": {
-                "tile_batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
-                                            "tooltip": "tiles per transformer pass (faster, more VRAM)"}),
-                "color_fix": (list(COLOR_FIXES), {"default": "adain+wavelet", "tooltip": "colour correction "
-                                                  "against the whole LR image; none to turn it off"}),
-                "output_scale": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 4.0, "step": 0.5,
-                                           "tooltip": "final scale; below 4 the 4x result is resampled"}),
+                "tile_batch_size": widget("tile_batch_size"),
+                "color_fix": widget("color_fix"),
+                "output_scale": widget("output_scale"),
                 **_sampling_inputs(),
-                "blend": (list(BLENDS), {"default": "cosine", "tooltip": "tile overlap blending"}),
+                "blend": widget("blend"),
             },
         }
 
+    @_checked
     def upscale(self, model, image, prompt, seed, tile_overlap, tile_batch_size=1, color_fix="adain+wavelet",
                 output_scale=4.0, tau=0.5, top_p=0.97, cfg=1.0, mode="area", blend="cosine"):
         with model.session(tile_batch_size, cfg) as pipe:

@@ -16,6 +16,7 @@ from pathlib import Path
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+OUTPUT_SUFFIXES = (".png",)
 
 
 class UserError(Exception):
@@ -85,7 +86,7 @@ def cmd_check_models(args) -> int:
 def cmd_make_test_models(args) -> int:
     from .testing import make_tiny_models
 
-    for role, path in make_tiny_models(args.dir, seed=args.seed).items():
+    for role, path in make_tiny_models(args.dir, seed=args.model_seed).items():
         print(f"{role}: {path}")
     return 0
 
@@ -117,8 +118,8 @@ def cmd_upscale(args) -> int:
         t0 = time.perf_counter()
         result = pipe(
             image, prompt=args.prompt, seed=args.seed, tau=args.tau, top_p=args.top_p, cfg=args.cfg,
-            next_scale_mode=args.next_scale_mode, negative_prompt=args.negative_prompt,
-            color_fix=args.color_fix, tile_overlap=args.overlap, tile_batch_size=args.tile_batch_size,
+            next_scale_mode=args.mode, negative_prompt=args.negative_prompt,
+            color_fix=args.color_fix, tile_overlap=args.tile_overlap, tile_batch_size=args.tile_batch_size,
             blend=args.blend, output_scale=args.output_scale, max_tiles=args.max_tiles,
             progress=ScaleProgress(src.name),
         )
@@ -126,7 +127,7 @@ def cmd_upscale(args) -> int:
         seconds = time.perf_counter() - t0
         print(f"{src} ({w}x{h}) -> {out} ({result.shape[2]}x{result.shape[1]}) in {seconds:.1f}s")
         if args.report:
-            grid = tiling.plan(h, w, 256, args.overlap)
+            grid = tiling.plan(h, w, 256, args.tile_overlap)
             score = tiling.seam_score(result[0], grid, args.output_scale) if grid.tiles_per_image > 1 else 1.0
             print(f"  tiles {grid.tiles_per_image} ({grid.rows}x{grid.cols}), seam score {score:.3f} "
                   f"(1.0 = seams as smooth as the interior)")
@@ -238,43 +239,48 @@ def cmd_queue(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import options
     from .config import DEFAULT_PROMPT
+    from .options import add_argument
 
-    p = argparse.ArgumentParser(prog="python -m nsarm_nodes", description="NSARM 4x super-resolution")
+    p = options.parser(prog="python -m nsarm_nodes", description="NSARM 4x super-resolution")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("check-models", help="report which weight files are present and what is missing")
     c.add_argument("--models", required=True, help="models folder (ComfyUI layout: nsarm/, text_encoders/)")
     c.set_defaults(func=cmd_check_models)
 
-    m = sub.add_parser("make-test-models", help="write tiny random models in the real layout (for tests)")
-    m.add_argument("dir")
-    m.add_argument("--seed", type=int, default=0)
+    m = sub.add_parser("make-test-models", help="write tiny random models in the real layout (for tests and demos)")
+    m.add_argument("dir", help="models folder to write (nsarm/, text_encoders/ inside it)")
+    add_argument(m, "model_seed", "--seed")
+    m.add_argument("--overwrite", action="store_true", help="replace model files that already exist in DIR")
     m.set_defaults(func=cmd_make_test_models)
 
     u = sub.add_parser("upscale", help="upscale image files (any size; tiled at 256 px)")
     u.add_argument("inputs", nargs="+", help="input images")
-    u.add_argument("-o", "--output", help="output PNG (one input) or folder (several inputs)")
+    u.add_argument("-o", "--output", help="output image (one input; the extension picks the format: "
+                   f"{', '.join(OUTPUT_SUFFIXES)}) or folder (an existing one, or a name without extension); "
+                   "default: IN_nsarm.png beside each input")
     u.add_argument("--models", required=True, help="models folder (ComfyUI layout: nsarm/, text_encoders/)")
-    u.add_argument("--prompt", default=DEFAULT_PROMPT)
+    u.add_argument("--prompt", default=DEFAULT_PROMPT, help="description of the image")
     u.add_argument("--negative-prompt", default=None, help="used only with --cfg != 1")
-    u.add_argument("--seed", type=int, default=1)
-    u.add_argument("--tau", type=float, default=0.5, help="sampling temperature (NSARM: 0.5)")
-    u.add_argument("--top-p", type=float, default=0.97)
-    u.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance (NSARM: 1 = off)")
-    u.add_argument("--next-scale-mode", choices=("area", "trilinear"), default="area")
-    u.add_argument("--color-fix", choices=("adain+wavelet", "adain", "wavelet", "none"), default="adain+wavelet")
-    u.add_argument("--overlap", type=int, default=32, help="tile overlap in LR pixels")
-    u.add_argument("--blend", choices=("cosine", "linear", "none"), default="cosine")
-    u.add_argument("--tile-batch-size", type=int, default=1)
-    u.add_argument("--output-scale", type=float, default=4.0, help="final scale (the model makes 4x; "
-                   "other values resample its result)")
-    u.add_argument("--max-tiles", type=int, default=64, help="refuse inputs needing more tiles than this")
-    u.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    u.add_argument("--dtype", choices=tuple(DTYPES), default="auto", help="transformer block weights")
+    add_argument(u, "seed")
+    add_argument(u, "tau")
+    add_argument(u, "top_p")
+    add_argument(u, "cfg")
+    add_argument(u, "mode", "--next-scale-mode")
+    add_argument(u, "color_fix")
+    add_argument(u, "tile_overlap", "--overlap")
+    add_argument(u, "blend")
+    add_argument(u, "tile_batch_size")
+    add_argument(u, "output_scale")
+    add_argument(u, "max_tiles")
+    add_argument(u, "max_pixels")
+    add_argument(u, "device")
+    add_argument(u, "dtype")
     u.add_argument("--cached-prompts-only", action="store_true", help="do not load T5; use cached prompts")
     u.add_argument("--report", action="store_true", help="print tile count and seam score")
-    u.add_argument("--overwrite", action="store_true")
+    u.add_argument("--overwrite", action="store_true", help="replace existing output files")
     u.set_defaults(func=cmd_upscale)
 
     r = sub.add_parser("run", help="run a workflow JSON (UI or API format) without ComfyUI")
@@ -288,17 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE",
                    help="override an input; NODE = node id, class type used once, or title; VALUE is JSON or text")
     r.add_argument("--input-dir", default=".", help="folder for LoadImage file names that are not absolute")
+    add_argument(r, "max_pixels")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --output .png")
     r.set_defaults(func=cmd_run)
 
     q = sub.add_parser("queue", help="run a workflow on a ComfyUI server and download its images")
     q.add_argument("workflow", help="workflow .json (API format, e.g. workflows/api/nsarm_upscale_api.json; "
                    "UI format is converted with the server's node definitions)")
-    q.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI URL (default %(default)s)")
+    add_argument(q, "server")
     q.add_argument("--input", action="append", metavar="[NODE=]IMAGE",
                    help="image uploaded for the workflow's LoadImage node (NODE=IMAGE when there are several)")
     q.add_argument("--out", required=True, help="folder for the downloaded images")
-    q.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole job (default %(default)g)")
+    add_argument(q, "timeout")
     q.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE", help="override an input (as for run)")
     q.add_argument("--overwrite", action="store_true", help="replace files of the same name in --out "
                    "(default: keep them and add _N to the new name)")

@@ -22,12 +22,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .options import COLOR_FIX_METHODS
+
 ADAIN_EPS = 1e-5  # added to the variance
 WAVELET_LEVELS = 5  # blur dilations 1, 2, 4, 8, 16
 _BLUR_1D = (0.25, 0.5, 0.25)  # [1, 2, 1] / 4; the 3x3 kernel is its outer product (exact in fp32)
 RGB = 3
 U8_MAX = 255
-METHODS = ("adain+wavelet", "adain", "wavelet", "none")
+METHODS = COLOR_FIX_METHODS
 
 
 # ----------------------------------------------------------------------------------------------

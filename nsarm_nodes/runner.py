@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import place_new
+from .options import OptionError, check_number
 
 __all__ = [
     "NodeExecutionError",
@@ -559,14 +560,10 @@ def _coerce(nid_label: str, name: str, kind: Any, opts: Mapping, value: Any) -> 
             return value, f"{nid_label}: {name} = {value!r} is not one of the choices [{shown}]"
         return value, None
     try:
-        if kind == "INT":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            value = int(value)
-        elif kind == "FLOAT":
-            if isinstance(value, bool):
-                raise ValueError
-            value = float(value)
+        if kind in ("INT", "FLOAT") and isinstance(value, str):  # "3", as ComfyUI accepts
+            value = int(value) if kind == "INT" else float(value)
+        elif kind in ("INT", "FLOAT"):
+            pass  # numbers are checked below (type, finite, bounds)
         elif kind == "STRING":
             if not isinstance(value, str):
                 raise ValueError
@@ -579,12 +576,12 @@ def _coerce(nid_label: str, name: str, kind: Any, opts: Mapping, value: Any) -> 
             return value, (f"{nid_label}: input {name!r} takes {kind} from another node's output; "
                            f"it cannot be given the literal value {str(value)[:80]!r}")
     except (TypeError, ValueError, OverflowError):
-        return value, f"{nid_label}: {name} = {value!r} is not a valid {kind}"
-    if kind in ("INT", "FLOAT"):
-        if "min" in opts and value < opts["min"]:
-            return value, f"{nid_label}: {name} = {value} is below the minimum {opts['min']}"
-        if "max" in opts and value > opts["max"]:
-            return value, f"{nid_label}: {name} = {value} is above the maximum {opts['max']}"
+        return value, f"{nid_label}: {name} = {str(value)[:80]!r} is not a valid {kind}"
+    if kind in ("INT", "FLOAT"):  # finite and within the node's bounds (nsarm_nodes/options.py)
+        try:
+            value = check_number(value, kind, opts.get("min"), opts.get("max"), f"{nid_label}: input {name!r}")
+        except OptionError as exc:
+            return value, str(exc)
     return value, None
 
 

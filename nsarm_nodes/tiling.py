@@ -36,6 +36,8 @@ from typing import Any, Literal, Union
 
 import torch
 
+from . import options
+
 DEFAULT_TILE_SIZE = 256  # the NSARM LR input size
 DEFAULT_OVERLAP = 32
 MIN_TILE_SIZE = 16
@@ -44,7 +46,7 @@ MAX_SCALE = 8
 RGB_CHANNELS = 3
 GRAY_CHANNELS = 1
 RGBA_CHANNELS = 4
-BLEND_MODES = ("cosine", "linear", "none")
+BLEND_MODES = options.BLEND_MODES
 # Outer 1/EDGE_MARGIN_DIVISOR of every overlap zone (each side) is owned by one tile, unblended.
 EDGE_MARGIN_DIVISOR = 4
 # Scales given as floats (seam_score) are read as fractions with at most this denominator.
