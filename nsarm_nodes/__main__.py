@@ -1,70 +1,147 @@
-"""Command line: `python -m nsarm_nodes {upscale,run,queue,check-models,make-test-models} ...`.
+"""Command line: `python -m nsarm_nodes {upscale,run,queue,check-models,make-test-models,convert,bench} ...`.
 
-User errors (missing weights, unreadable files, bad options) print one clear message and exit
-with status 2; no traceback. Outputs are written atomically and never overwrite an existing file
-unless --overwrite is given.
+One error path (`main`): anything a user can cause -- a bad option (checked against the option
+table before any weights load), a missing or unreadable input, an output that cannot be written,
+a checkpoint that does not fit, a workflow that cannot run, a server that misbehaves, any OSError
+on the files named -- prints one `error: ...` message naming the file or option, what was expected
+and the fix, and exits with status 2; no traceback. Ctrl-C exits with 130, SIGTERM with 143 (SIGHUP
+129), after the same clean-up as any failure: no partial output file and no staging folder is left.
+Internal bugs still show their traceback. Outputs are written atomically and never replace an
+existing file unless --overwrite is given.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+EXIT_SIGNAL_BASE = 128  # exit status of a command stopped by signal N: 128 + N (130 Ctrl-C, 143 SIGTERM)
 DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-OUTPUT_SUFFIXES = (".png",)
+OUTPUT_SUFFIX = "_nsarm"
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class UserError(Exception):
     """An error caused by the command line or the files it names: printed without a traceback."""
 
 
-def load_image(path: Path):
-    """PNG/JPEG/... -> IMAGE [1, H, W, 3] float32 in [0, 1] (grayscale / alpha converted to RGB)."""
-    import numpy as np
-    import torch
-    from PIL import Image, UnidentifiedImageError
+class Stopped(KeyboardInterrupt):
+    """Raised in the main thread by SIGINT / SIGTERM / SIGHUP. A KeyboardInterrupt, so that every
+    clean-up path written for Ctrl-C (temporary files, staging folders, cancelling a queued prompt)
+    runs for the other signals too."""
 
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise UserError(f"{path}: input image not found") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"{path}: not a readable image ({e})") from None
-    return torch.from_numpy(arr.copy()).float().div(255).unsqueeze(0)
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _StopSignals:
+    """While a command runs, SIGINT / SIGTERM / SIGHUP raise `Stopped` in the main thread.
+
+    A signal that arrives while a module is being imported (torch takes seconds to import) is held
+    back until the import finished and raised then (an import cut short leaves half-initialised
+    modules, and some libraries swallow exceptions raised inside their imports). `checkpoint()`
+    raises a pending stop at safe points in case other code swallowed it. After the first signal the
+    others are ignored, so that the clean-up it triggers completes; a signal ignored by the parent
+    (nohup, background jobs) stays ignored; the old handlers come back at the end."""
+
+    RETRY_SECONDS = 0.05
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.old: dict = {}
+
+    def __enter__(self) -> _StopSignals:
+        try:
+            self.old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+            for s, handler in self.old.items():
+                if handler is not signal.SIG_IGN:
+                    signal.signal(s, self._on_signal)
+            if hasattr(signal, "setitimer"):
+                self.old[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._retry)
+        except ValueError:  # not the main thread: leave signals alone
+            self.old = {}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if hasattr(signal, "setitimer") and self.old:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+    @staticmethod
+    def _importing(frame) -> bool:
+        while frame is not None:
+            if frame.f_code.co_filename.startswith("<frozen importlib"):
+                return True
+            frame = frame.f_back
+        return False
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            for s in STOP_SIGNALS:
+                if self.old.get(s) is not signal.SIG_IGN:
+                    signal.signal(s, signal.SIG_IGN)  # restored in __exit__, once the clean-up is done
+        self._raise_when_safe(frame)
+
+    def _retry(self, signum, frame) -> None:
+        self._raise_when_safe(frame)
+
+    def _raise_when_safe(self, frame) -> None:
+        if self._importing(frame) and hasattr(signal, "setitimer"):
+            signal.setitimer(signal.ITIMER_REAL, self.RETRY_SECONDS)
+            return
+        raise Stopped(self.signum)
+
+    def checkpoint(self) -> None:
+        """Raise `Stopped` if a stop signal arrived (and was swallowed somewhere)."""
+        if self.signum is not None:
+            raise Stopped(self.signum)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=file or sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images in and out
+
+
+def load_image(path: Path, max_pixels: int):
+    """An image file -> IMAGE [1, H, W, 3] float32 in [0, 1] (see nsarm_nodes.images.read_image)."""
+    from .images import read_image
+
+    return read_image(path, max_pixels)
 
 
 def save_image(image, path: Path, overwrite: bool) -> None:
-    """IMAGE [H, W, 3] in [0, 1] -> PNG at `path`, via a temporary file in the same folder."""
-    from PIL import Image
+    """IMAGE [H, W, 3] in [0, 1] -> `path`, in the format its extension names; atomic, no clobbering."""
+    from .images import save_image as write
 
-    from .pipeline import to_uint8
-
-    if path.exists() and not overwrite:
-        raise UserError(f"{path}: already exists; pass --overwrite to replace it or choose another -o")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(to_uint8(image).cpu().numpy()).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        write(image, path, overwrite=overwrite)
+    except FileExistsError:
+        raise UserError(f"{path}: already exists; pass --overwrite to replace it or choose another -o") from None
 
 
 class ScaleProgress:
     """A one-line progress bar on stderr, updated once per generated scale."""
 
-    def __init__(self, label: str, stream=sys.stderr):
+    def __init__(self, label: str, stream=sys.stderr, checkpoint=None):
         self.label, self.stream, self.start = label, stream, time.perf_counter()
+        self.checkpoint = checkpoint
 
     def __call__(self, done: int, total: int) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint()
         width = 30
         filled = int(width * done / total)
         elapsed = time.perf_counter() - self.start
@@ -84,19 +161,52 @@ def cmd_check_models(args) -> int:
 
 
 def cmd_make_test_models(args) -> int:
+    from .files import check_output_folder
     from .testing import make_tiny_models
 
-    for role, path in make_tiny_models(args.dir, seed=args.model_seed).items():
+    check_output_folder(args.dir, "make-test-models DIR")
+    try:
+        paths = make_tiny_models(args.dir, seed=args.model_seed, overwrite=args.overwrite)
+    except FileExistsError as exc:
+        raise UserError(f"{exc.filename}: already exists and is not this seed's test model; pass --overwrite to "
+                        "replace it with the tiny random models, or choose another folder") from None
+    for role, path in paths.items():
         print(f"{role}: {path}")
     return 0
 
 
-def output_paths(inputs: list[Path], output: Path | None) -> list[Path]:
-    if len(inputs) == 1:
-        return [output or inputs[0].with_name(inputs[0].stem + "_nsarm.png")]
-    if output is None or output.suffix:
-        raise UserError("several inputs need -o to name an output folder (no file extension)")
-    return [output / (p.stem + "_nsarm.png") for p in inputs]
+def output_paths(inputs: list[Path], output: str | None, overwrite: bool) -> list[Path]:
+    """Where each input's result goes, checked before any work: a known image extension, no two
+    inputs onto one name, every target writable (files.check_output_file).
+
+    -o names a file for one input, or a folder (an existing folder, or a name without extension,
+    created when needed); without -o each result goes beside its input as IN_nsarm.png."""
+    from .files import check_output_file
+    from .images import output_format
+    from .options import OUTPUT_FORMATS
+
+    if output is None:
+        outs = [p.with_name(p.stem + OUTPUT_SUFFIX + ".png") for p in inputs]
+    else:
+        out = Path(output)
+        folder = out.is_dir() or not out.suffix or output.endswith(("/", os.sep))
+        if not folder and len(inputs) > 1:
+            raise UserError(f"-o {out}: {len(inputs)} inputs need an output folder (an existing folder or a name "
+                            "without extension), not one file")
+        if not folder and out.suffix.lower() not in OUTPUT_FORMATS:
+            raise UserError(f"-o {out}: unknown image extension {out.suffix!r} (use {', '.join(OUTPUT_FORMATS)}); "
+                            "a folder must exist already or have no extension")
+        outs = [out / (p.stem + OUTPUT_SUFFIX + ".png") for p in inputs] if folder else [out]
+    seen: dict[str, Path] = {}
+    for src, dest in zip(inputs, outs):
+        key = os.path.normcase(os.path.abspath(dest))
+        if key in seen:
+            raise UserError(f"{seen[key]} and {src} would both be written to {dest}; upscale them into different "
+                            "folders (or rename one)")
+        seen[key] = src
+        output_format(dest)
+        check_output_file(dest, overwrite, "-o" if output is not None else "output")
+    return outs
 
 
 def cmd_upscale(args) -> int:
@@ -106,11 +216,8 @@ def cmd_upscale(args) -> int:
     from .pipeline import load_pipeline
 
     inputs = [Path(p) for p in args.inputs]
-    outputs = output_paths(inputs, Path(args.output) if args.output else None)
-    for out in outputs:
-        if out.exists() and not args.overwrite:
-            raise UserError(f"{out}: already exists; pass --overwrite to replace it or choose another -o")
-    images = [load_image(p) for p in inputs]
+    outputs = output_paths(inputs, args.output, args.overwrite)
+    images = [load_image(p, args.max_pixels) for p in inputs]
     dtype = DTYPES[args.dtype] and getattr(torch, DTYPES[args.dtype])
     pipe = load_pipeline(args.models, device=args.device, dtype=dtype, text_encoder=not args.cached_prompts_only)
     for src, image, out in zip(inputs, images, outputs):
@@ -121,7 +228,7 @@ def cmd_upscale(args) -> int:
             next_scale_mode=args.mode, negative_prompt=args.negative_prompt,
             color_fix=args.color_fix, tile_overlap=args.tile_overlap, tile_batch_size=args.tile_batch_size,
             blend=args.blend, output_scale=args.output_scale, max_tiles=args.max_tiles,
-            progress=ScaleProgress(src.name),
+            progress=ScaleProgress(src.name, checkpoint=args.checkpoint),
         )
         save_image(result[0], out, args.overwrite)
         seconds = time.perf_counter() - t0
@@ -144,10 +251,15 @@ def _run_progress(event: dict) -> None:
 
 def _user_exception(exc: BaseException) -> bool:
     """Exceptions a node raises because of its inputs or files (shown without a traceback)."""
-    import torch
+    oom = _out_of_memory_type()
+    return isinstance(exc, (ValueError, LookupError, OSError, UserError)) or (oom is not None and isinstance(exc, oom))
 
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
-    return isinstance(exc, (ValueError, LookupError, OSError, UserError)) or (bool(oom) and isinstance(exc, oom))
+
+def _out_of_memory_type():
+    torch = sys.modules.get("torch")  # only when torch was imported: then OOM can happen
+    if torch is None:
+        return None
+    return getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
 
 
 def _place(src: Path, dest: Path, overwrite: bool) -> None:
@@ -165,11 +277,17 @@ def cmd_run(args) -> int:
     import traceback
 
     from . import runner
+    from .files import check_output_file, check_output_folder
 
     out = Path(args.output)
-    single = out.suffix.lower() == ".png"
-    if single and out.exists() and not args.overwrite:
-        raise UserError(f"{out}: already exists; pass --overwrite to replace it or choose another --output")
+    single = not out.is_dir() and bool(out.suffix)
+    if single:
+        if out.suffix.lower() != ".png":
+            raise UserError(f"--output {out}: run writes PNG files (with the workflow in their metadata); name a "
+                            ".png file, or a folder (an existing one, or a name without extension)")
+        check_output_file(out, args.overwrite, "--output")
+    else:
+        check_output_folder(out, "--output")
     inputs = runner.parse_input_args(args.input or [])
 
     def one_save_only(prompt: dict, order: list[str]) -> None:
@@ -178,16 +296,16 @@ def cmd_run(args) -> int:
             raise UserError(f"--output {out} names one PNG but the workflow has {len(saves)} SaveImage nodes; "
                             "give an output folder instead")
 
-    if single:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=".nsarm-run-", dir=out.parent))
-    else:
-        stage = out
+    stage = None
     try:
+        if single:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            stage = Path(tempfile.mkdtemp(prefix=".nsarm-run-", dir=out.parent))
         try:
-            result = runner.run_workflow(args.workflow, inputs=inputs, sets=args.set or [], output_dir=stage,
-                                         input_dir=args.input_dir, models_dir=args.models,
-                                         progress=_run_progress, before_run=one_save_only)
+            result = runner.run_workflow(args.workflow, inputs=inputs, sets=args.set or [],
+                                         output_dir=stage or out, input_dir=args.input_dir, models_dir=args.models,
+                                         progress=_run_progress, before_run=one_save_only,
+                                         max_pixels=args.max_pixels)
         except runner.NodeExecutionError as e:
             if _user_exception(e.original):
                 raise UserError(str(e)) from None
@@ -202,7 +320,7 @@ def cmd_run(args) -> int:
             _place(saved[0], out, args.overwrite)
             saved = [out]
     finally:
-        if single:
+        if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
     for path in saved:
         print(path)
@@ -211,28 +329,30 @@ def cmd_run(args) -> int:
 
 def cmd_queue(args) -> int:
     from . import runner
-    from .client import ComfyClientError, _base_url, _json, _Timeout, print_progress, queue_workflow
+    from .client import ComfyClientError, _json, _Timeout, print_progress, queue_workflow
+    from .files import check_output_folder
 
+    check_output_folder(args.out, "--out")
     try:
         workflow = runner.load_workflow(args.workflow)
         is_ui = runner.workflow_format(workflow) == "ui"
+        inputs_by_ref = runner.parse_input_args(args.input or [])
         input_types = None
         if is_ui or args.set:  # the server's node definitions map widgets and check --set names
-            base = _base_url(args.server)
-            status, info = _json(base, "/object_info", timeout=min(args.timeout, 60))
+            status, info = _json(args.server, "/object_info", timeout=min(args.timeout, 60))
             if status != 200 or not isinstance(info, dict):
-                raise UserError(f"ComfyUI at {base}: GET /object_info failed (HTTP {status})")
+                raise UserError(f"ComfyUI at {args.server}: GET /object_info failed (HTTP {status})")
             input_types = runner.object_info_input_types(info)
         prompt = runner.api_prompt(workflow, input_types)
         prompt = runner.apply_overrides(prompt, args.set or [], input_types)
-        inputs = {(runner.find_node(prompt, ref) if ref else ""): path
-                  for ref, path in runner.parse_input_args(args.input or []).items()}
+        inputs = {(runner.find_node(prompt, ref) if ref else ""): path for ref, path in inputs_by_ref.items()}
         paths = queue_workflow(args.server, prompt, inputs, out_dir=args.out, timeout=args.timeout,
                                on_progress=print_progress, overwrite=args.overwrite)
     except ComfyClientError as e:
         raise UserError(str(e)) from None
     except _Timeout:  # only the /object_info request above can raise it here
-        raise UserError(f"ComfyUI at {args.server}: GET /object_info timed out") from None
+        raise UserError(f"ComfyUI at {args.server}: GET /object_info timed out after {min(args.timeout, 60):g} s; "
+                        "is the server busy? allow more time with --timeout") from None
     for path in paths:
         print(path)
     return 0
@@ -259,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("upscale", help="upscale image files (any size; tiled at 256 px)")
     u.add_argument("inputs", nargs="+", help="input images")
     u.add_argument("-o", "--output", help="output image (one input; the extension picks the format: "
-                   f"{', '.join(OUTPUT_SUFFIXES)}) or folder (an existing one, or a name without extension); "
+                   f"{', '.join(options.OUTPUT_FORMATS)}) or folder (an existing one, or a name without extension); "
                    "default: IN_nsarm.png beside each input")
     u.add_argument("--models", required=True, help="models folder (ComfyUI layout: nsarm/, text_encoders/)")
     u.add_argument("--prompt", default=DEFAULT_PROMPT, help="description of the image")
@@ -317,22 +437,71 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .loading import CheckpointError
-    from .pipeline import MissingModelsError
-    from .text import PromptNotCachedError, TextEncoderError
+def _is_user_error(exc: BaseException) -> bool:
+    """Whether `exc` is the user's to fix (printed as one message, exit status 2). Checked against the
+    modules already imported only, so that reporting an early error never waits for torch."""
+    if isinstance(exc, (UserError, ValueError, OSError)):  # options, files, checkpoints, workflows
+        return True
+    text, client = sys.modules.get("nsarm_nodes.text"), sys.modules.get("nsarm_nodes.client")
+    if text is not None and isinstance(exc, text.PromptNotCachedError):
+        return True
+    if client is not None and isinstance(exc, client.ComfyClientError):
+        return True
+    oom = _out_of_memory_type()
+    return oom is not None and isinstance(exc, oom)
 
+
+def _message(exc: BaseException) -> str:
+    """The one message for a user error: OSErrors name their file, what went wrong and the fix."""
+    from .files import os_problem
+
+    oom = _out_of_memory_type()
+    if oom is not None and isinstance(exc, oom):
+        return ("out of GPU memory; lower --tile-batch-size (1 is the least), use --dtype bf16, or run on a "
+                "larger GPU (see the README's VRAM guide)")
+    if isinstance(exc, OSError) and not type(exc).__module__.startswith("nsarm_nodes") and exc.strerror:
+        names = " -> ".join(str(n) for n in (exc.filename, exc.filename2) if n is not None)
+        return f"{names + ': ' if names else ''}{os_problem(exc)}"
+    return str(exc).strip() or type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status (0 ok, 2 user error, 128 + N after signal N)."""
+    stop = _StopSignals()
     try:
-        return args.func(args)
-    except (UserError, MissingModelsError, CheckpointError, TextEncoderError, PromptNotCachedError,
-            ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        with stop, warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            try:
+                args = build_parser().parse_args(argv)
+            except SystemExit as exc:  # --help, or a bad option (already printed as one line)
+                return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
+            args.checkpoint = stop.checkpoint  # for progress callbacks: raise a pending stop there
+            try:
+                code = args.func(args)
+                stop.checkpoint()
+                return code
+            except Exception as exc:
+                stop.checkpoint()  # a failure caused by an interruption is reported as the interruption
+                if not _is_user_error(exc):
+                    raise  # a bug of ours: its traceback is the report
+                print(f"error: {_message(exc)}", file=sys.stderr)
+                return EXIT_USER_ERROR
+    except KeyboardInterrupt as exc:  # Stopped, or Ctrl-C where no handler could be installed
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        name = signal.Signals(signum).name
+        print(f"\ninterrupted ({'Ctrl-C' if name == 'SIGINT' else name}); nothing was left half-written",
+              file=sys.stderr)
+        return EXIT_SIGNAL_BASE + signum
+
+
+def run() -> None:
+    """Console entry point (`nsarm`, `python -m nsarm_nodes`): exit with main()'s status. Stop signals
+    that arrive while the interpreter shuts down are ignored (no traceback at any moment)."""
+    code = main()
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -31,6 +31,9 @@ NEXT_SCALE_MODES = ("area", "trilinear")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 ATTENTION_KERNELS = ("auto", "math")
 WEIGHT_FORMATS = ("dense", "fp8")
+# Output image formats by file extension (Pillow format names).
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF",
+                  ".tiff": "TIFF", ".bmp": "BMP"}
 
 
 class OptionError(ValueError):
@@ -336,11 +339,11 @@ def _cli_type(opt: Option, flag: str) -> Callable[[str], Any]:
 
 
 def add_argument(p: argparse.ArgumentParser, name: str, *flags: str, **overrides: Any) -> argparse.Action:
-    """Add option `name` to parser `p` (flag derived from the name unless `flags` are given);
-    `overrides` replace argparse keywords (e.g. a command-specific help or default)."""
+    """Add option `name` to parser `p` (flag derived from the name unless `flags` are given; the
+    parsed value is `args.<name>`); `overrides` replace argparse keywords (e.g. a specific help)."""
     opt = TABLE[name]
     flags = flags or (opt.flag,)
-    kwargs: dict[str, Any] = {"default": opt.default, "help": opt.help}
+    kwargs: dict[str, Any] = {"default": opt.default, "help": opt.help, "dest": name}
     if opt.kind == BOOLEAN:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif opt.kind == CHOICE:

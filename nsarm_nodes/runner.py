@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import place_new
-from .options import OptionError, check_number
+from .options import DEFAULT_MAX_PIXELS, OptionError, check_number
 
 __all__ = [
     "NodeExecutionError",
@@ -107,9 +107,33 @@ class NodeExecutionError(WorkflowError):
 # Reading workflows
 # --------------------------------------------------------------------------------------------
 
+MAX_JSON_DEPTH = 64  # nesting of a workflow file; real ones stay below 10
+
+
+def _nesting_depth(data: Any, limit: int) -> int:
+    """Depth of nested dicts/lists (iteratively: a hostile file cannot exhaust the stack), stopping
+    as soon as `limit` is passed."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, Mapping):
+            children = value.values()
+        elif isinstance(value, (list, tuple)):
+            children = value
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def load_workflow(src: str | os.PathLike | Mapping) -> dict:
     """A workflow dict from a path (JSON file) or a dict (deep-copied). Raises WorkflowError."""
     if isinstance(src, Mapping):
+        if _nesting_depth(src, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+            raise WorkflowError(f"the workflow is nested more than {MAX_JSON_DEPTH} levels deep; not a ComfyUI workflow")
         return copy.deepcopy(dict(src))
     path = Path(src)
     try:
@@ -120,23 +144,122 @@ def load_workflow(src: str | os.PathLike | Mapping) -> dict:
         raise WorkflowError(f"{path}: cannot read the workflow ({exc})") from None
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise WorkflowError(f"{path}: the JSON is nested too deeply to be a ComfyUI workflow") from None
     except ValueError as exc:
         raise WorkflowError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise WorkflowError(f"{path}: a workflow is a JSON object, got {type(data).__name__}")
+    if _nesting_depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise WorkflowError(f"{path}: the JSON is nested more than {MAX_JSON_DEPTH} levels deep; not a ComfyUI workflow")
     return data
 
 
 def workflow_format(workflow: Mapping) -> str:
     """``"ui"`` (editor format: nodes + links), ``"api"`` (``{id: {class_type, inputs}}``), else WorkflowError."""
-    if isinstance(workflow.get("nodes"), list) and isinstance(workflow.get("links"), list):
+    if not isinstance(workflow, Mapping):
+        raise WorkflowError(f"a workflow is a JSON object, got {type(workflow).__name__}")
+    if "nodes" in workflow and "links" in workflow:
         return "ui"
-    if workflow and all(isinstance(v, dict) and "class_type" in v for v in workflow.values()):
+    if workflow and any(isinstance(v, Mapping) and "class_type" in v for v in workflow.values()):
         return "api"
-    if isinstance(workflow.get("prompt"), dict) and workflow_format(workflow["prompt"]) == "api":
+    if isinstance(workflow.get("prompt"), Mapping) and workflow_format(workflow["prompt"]) == "api":
         return "api"  # a {"prompt": {...}} request body
     raise WorkflowError("not a ComfyUI workflow: expected the UI format (\"nodes\" and \"links\") or the API "
                         "format ({\"<id>\": {\"class_type\": ..., \"inputs\": {...}}})")
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def _short(value: Any, n: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _check_ui_structure(workflow: Mapping) -> None:
+    """The fields of a UI-format workflow that the conversion reads have the types it needs;
+    WorkflowError naming the node (or link) and the field otherwise."""
+    nodes, links = workflow.get("nodes"), workflow.get("links")
+    if not isinstance(nodes, list):
+        raise WorkflowError(f'the workflow\'s "nodes" must be a list, got {type(nodes).__name__}')
+    if not isinstance(links, list):
+        raise WorkflowError(f'the workflow\'s "links" must be a list, got {type(links).__name__}')
+    definitions = workflow.get("definitions")
+    if definitions is not None and not isinstance(definitions, Mapping):
+        raise WorkflowError(f'the workflow\'s "definitions" must be an object, got {type(definitions).__name__}')
+    seen: set[str] = set()
+    for i, node in enumerate(nodes):
+        if not isinstance(node, Mapping):
+            raise WorkflowError(f"nodes[{i}] must be an object, got {_short(node)}")
+        if not _is_id(node.get("id")):
+            raise WorkflowError(f"nodes[{i}]: \"id\" must be a number or a string, got {_short(node.get('id'))}")
+        label = f"node {node['id']}"
+        if str(node["id"]) in seen:
+            raise WorkflowError(f"{label}: the id is used by two nodes")
+        seen.add(str(node["id"]))
+        if not isinstance(node.get("type"), str) or not node["type"]:
+            raise WorkflowError(f"{label}: \"type\" must be a node class name, got {_short(node.get('type'))}")
+        label = f"node {node['id']} ({node['type']})"
+        mode = node.get("mode", 0)
+        if isinstance(mode, bool) or not isinstance(mode, int):
+            raise WorkflowError(f"{label}: \"mode\" must be an integer, got {_short(mode)}")
+        for key, kinds, what in (("inputs", list, "a list"), ("outputs", list, "a list"),
+                                 ("widgets_values", (list, Mapping), "a list"), ("properties", Mapping, "an object"),
+                                 ("title", str, "text")):
+            if node.get(key) is not None and not isinstance(node[key], kinds):
+                raise WorkflowError(f"{label}: \"{key}\" must be {what}, got {_short(node[key])}")
+        for j, item in enumerate(node.get("inputs") or []):
+            if not isinstance(item, Mapping):
+                raise WorkflowError(f"{label}: inputs[{j}] must be an object, got {_short(item)}")
+            if not isinstance(item.get("name"), str):
+                raise WorkflowError(f"{label}: inputs[{j}].name must be text, got {_short(item.get('name'))}")
+            link = item.get("link")
+            if link is not None and not _is_id(link):
+                raise WorkflowError(f"{label}: input {item['name']!r}: \"link\" must be a link id or null, "
+                                    f"got {_short(link)}")
+    link_ids: set = set()
+    for i, link in enumerate(links):
+        if isinstance(link, Mapping):
+            lid, origin, slot = link.get("id"), link.get("origin_id"), link.get("origin_slot")
+        elif isinstance(link, list) and len(link) >= 5:
+            lid, origin, slot = link[0], link[1], link[2]
+        else:
+            raise WorkflowError(f"links[{i}] must be [id, origin, slot, target, target_slot, type] or an object, "
+                                f"got {_short(link)}")
+        if not _is_id(lid) or not _is_id(origin) or isinstance(slot, bool) or not isinstance(slot, int) or slot < 0:
+            raise WorkflowError(f"links[{i}]: id and origin must be ids and the origin slot an integer >= 0, "
+                                f"got {_short(link)}")
+        if lid in link_ids:
+            raise WorkflowError(f"links[{i}]: link id {lid} is used twice")
+        link_ids.add(lid)
+
+
+def _check_api_structure(prompt: Mapping) -> None:
+    """Every node of an API prompt is {"class_type": str, "inputs": {...}} whose list values are
+    links [node id, output index]; WorkflowError naming the node and the field otherwise."""
+    if not prompt:
+        raise WorkflowError("the workflow has no nodes")
+    for nid, node in prompt.items():
+        if not isinstance(node, Mapping):
+            raise WorkflowError(f"node {nid}: must be an object with \"class_type\" and \"inputs\", got {_short(node)}")
+        kind = node.get("class_type")
+        if not isinstance(kind, str) or not kind:
+            raise WorkflowError(f"node {nid}: \"class_type\" must be a node class name, got {_short(kind)}")
+        label = f"node {nid} ({kind})"
+        inputs = node.get("inputs", {})
+        if inputs is not None and not isinstance(inputs, Mapping):
+            raise WorkflowError(f"{label}: \"inputs\" must be an object, got {_short(inputs)}")
+        meta = node.get("_meta")
+        if meta is not None and not isinstance(meta, Mapping):
+            raise WorkflowError(f"{label}: \"_meta\" must be an object, got {_short(meta)}")
+        for name, value in (inputs or {}).items():
+            if isinstance(value, list) and not (len(value) == 2 and _is_id(value[0]) and _is_link(value)):
+                raise WorkflowError(f"{label}: input {name!r} is the list {_short(value)}, but a list is a link "
+                                    "[\"<node id>\", <output index>]")
+            if isinstance(value, list) and value[1] < 0:
+                raise WorkflowError(f"{label}: input {name!r} links to output {value[1]}; indexes start at 0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,13 +326,16 @@ class _ObjectInfoInputTypes:
         self.names = sorted(object_info)
 
     def __call__(self, class_type: str):
+        """INPUT_TYPES as the server describes them; malformed parts of the answer are ignored."""
         info = self.object_info.get(class_type)
         if not isinstance(info, Mapping):
             return None
-        spec = {k: dict(v) for k, v in (info.get("input") or {}).items() if isinstance(v, Mapping)}
-        for section, names in (info.get("input_order") or {}).items():  # current ComfyUI states the order
-            if section in spec:
-                spec[section] = {n: spec[section][n] for n in names if n in spec[section]}
+        declared = info.get("input") if isinstance(info.get("input"), Mapping) else {}
+        spec = {k: dict(v) for k, v in declared.items() if isinstance(v, Mapping)}
+        order = info.get("input_order") if isinstance(info.get("input_order"), Mapping) else {}
+        for section, names in order.items():  # current ComfyUI states the order
+            if section in spec and isinstance(names, list):
+                spec[section] = {n: spec[section][n] for n in names if isinstance(n, str) and n in spec[section]}
         return spec
 
 
@@ -237,7 +363,8 @@ def _combo_options(kind: Any, opts: Mapping) -> list | None:
     if isinstance(kind, list):
         return kind
     if kind == "COMBO":
-        return list(opts.get("options") or [])
+        options = opts.get("options")
+        return list(options) if isinstance(options, (list, tuple)) else []
     return None
 
 
@@ -282,27 +409,22 @@ def ui_to_api(workflow: Mapping, input_types: InputTypes | None = None) -> dict:
     :func:`object_info_input_types` adapts a server's /object_info). Muted and bypassed nodes are
     handled as described in the module docstring.
     """
+    _check_ui_structure(workflow)
     if input_types is None:
         input_types = _class_input_types(load_node_classes())
-    nodes: dict[str, dict] = {}
-    for node in workflow.get("nodes") or []:
-        if not isinstance(node, Mapping) or "id" not in node or "type" not in node:
-            raise WorkflowError(f"malformed node entry in the workflow: {str(node)[:200]}")
-        nodes[str(node["id"])] = dict(node)
+    nodes: dict[str, dict] = {str(node["id"]): dict(node) for node in workflow["nodes"]}
     if (workflow.get("definitions") or {}).get("subgraphs"):
         raise WorkflowError("this workflow uses subgraphs, which the headless runner does not support; "
                             "unpack them in the editor (or export the API format) first")
 
-    links: dict[int, tuple[str, int, Any]] = {}
-    for link in workflow.get("links") or []:
+    links: dict[Any, tuple[str, int, Any]] = {}
+    for link in workflow["links"]:
         if isinstance(link, Mapping):
-            lid, origin, slot, kind = link.get("id"), link.get("origin_id"), link.get("origin_slot"), link.get("type")
-        elif isinstance(link, (list, tuple)) and len(link) >= 5:
+            lid, origin, slot, kind = link["id"], link["origin_id"], link["origin_slot"], link.get("type")
+        else:
             lid, origin, slot = link[0], link[1], link[2]
             kind = link[5] if len(link) > 5 else None
-        else:
-            raise WorkflowError(f"malformed link entry in the workflow: {link!r}")
-        links[lid] = (str(origin), int(slot), kind)
+        links[lid] = (str(origin), slot, kind)
 
     def input_link(node: Mapping, slot: int) -> Any:
         ins = node.get("inputs") or []
@@ -331,8 +453,8 @@ def ui_to_api(workflow: Mapping, input_types: InputTypes | None = None) -> dict:
                     return None
                 continue
             if src["type"] == PRIMITIVE:
-                values = src.get("widgets_values") or []
-                return ("value", values[0]) if values else None
+                values = src.get("widgets_values")
+                return ("value", values[0]) if isinstance(values, list) and values else None
             mode = src.get("mode", 0)
             if mode == MODE_MUTED:
                 return None
@@ -392,12 +514,18 @@ def ui_to_api(workflow: Mapping, input_types: InputTypes | None = None) -> dict:
 
 
 def api_prompt(workflow: Mapping, input_types: InputTypes | None = None) -> dict:
-    """An API prompt (a new dict) from a workflow in either format."""
+    """An API prompt (a new dict) from a workflow in either format; its structure is checked."""
     fmt = workflow_format(workflow)
     if fmt == "ui":
-        return ui_to_api(workflow, input_types)
-    prompt = workflow["prompt"] if "class_type" not in next(iter(workflow.values())) else workflow
-    return copy.deepcopy({str(k): v for k, v in prompt.items()})
+        prompt = ui_to_api(workflow, input_types)
+    else:
+        body = workflow.get("prompt")
+        direct = any(isinstance(v, Mapping) and "class_type" in v for v in workflow.values())
+        prompt = copy.deepcopy({str(k): v for k, v in (workflow if direct else body).items()})
+    _check_api_structure(prompt)
+    for node in prompt.values():
+        node["inputs"] = dict(node.get("inputs") or {})
+    return prompt
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,10 +596,9 @@ def apply_overrides(prompt: Mapping[str, Any], sets: Iterable[str | tuple[str, s
     return prompt
 
 
-def set_image_inputs(prompt: Mapping[str, Any], inputs: Mapping[str, str | os.PathLike]) -> dict:
-    """A copy of ``prompt`` whose LoadImage nodes read the given files. Key ``""`` (or None) = the
-    workflow's only LoadImage node; other keys name nodes as :func:`find_node` does."""
-    prompt = copy.deepcopy(dict(prompt))
+def _image_nodes(prompt: Mapping[str, Any], inputs: Mapping[str, str | os.PathLike]) -> dict[str, Path]:
+    """{node id: image file} for ``inputs`` (keys as in :func:`set_image_inputs`)."""
+    out: dict[str, Path] = {}
     for ref, path in inputs.items():
         if ref in ("", None):
             ids = [nid for nid, n in prompt.items() if n.get("class_type") == "LoadImage"]
@@ -481,8 +608,44 @@ def set_image_inputs(prompt: Mapping[str, Any], inputs: Mapping[str, str | os.Pa
             nid = ids[0]
         else:
             nid = find_node(prompt, ref)
-        prompt[nid].setdefault("inputs", {})["image"] = str(Path(path).expanduser().resolve())
+        out[nid] = Path(path).expanduser().resolve()
+    return out
+
+
+def set_image_inputs(prompt: Mapping[str, Any], inputs: Mapping[str, str | os.PathLike]) -> dict:
+    """A copy of ``prompt`` whose LoadImage nodes read the given files (absolute paths). Key ``""``
+    (or None) = the workflow's only LoadImage node; other keys name nodes as :func:`find_node` does."""
+    prompt = copy.deepcopy(dict(prompt))
+    for nid, path in _image_nodes(prompt, inputs).items():
+        prompt[nid].setdefault("inputs", {})["image"] = str(path)
     return prompt
+
+
+def _file_name(value: Any) -> Any:
+    """What ComfyUI stores for a LoadImage input: the file's name, never a local folder."""
+    return Path(value.replace("\\", "/")).name if isinstance(value, str) else value
+
+
+def _public_prompt(prompt: Mapping[str, Any]) -> dict:
+    """``prompt`` as written into PNG metadata: LoadImage inputs reduced to file names."""
+    public = copy.deepcopy(dict(prompt))
+    for node in public.values():
+        if node.get("class_type") == "LoadImage" and "image" in (node.get("inputs") or {}):
+            node["inputs"]["image"] = _file_name(node["inputs"]["image"])
+    return public
+
+
+def _public_ui_workflow(workflow: Mapping[str, Any], files: Mapping[str, Path]) -> dict:
+    """The UI workflow as written into PNG metadata: LoadImage widgets show the file actually read
+    (``files``: node id -> path), by name only."""
+    public = copy.deepcopy(dict(workflow))
+    for node in public.get("nodes") or []:
+        if node.get("type") != "LoadImage" or not isinstance(node.get("widgets_values"), list):
+            continue
+        values = node["widgets_values"]
+        if values:
+            values[0] = files[str(node["id"])].name if str(node["id"]) in files else _file_name(values[0])
+    return public
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,28 +685,42 @@ def execution_order(prompt: Mapping[str, Any], classes: Mapping[str, type]) -> l
     if not outputs:
         raise WorkflowError("the workflow has no output node (SaveImage, PreviewImage, ...): nothing would run")
     order: list[str] = []
-    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    state: dict[str, int] = {}  # 1 = on the path being explored, 2 = done
 
-    def visit(nid: str, path: list[str]) -> None:
-        if state.get(nid) == 2:
-            return
-        if state.get(nid) == 1:
-            cycle = (path[path.index(nid):] + [nid])[::-1]  # data-flow direction: each feeds the next
-            raise WorkflowError("the workflow has a cycle (each node feeds the next): "
-                                + " -> ".join(_describe(prompt, c) for c in cycle))
-        state[nid] = 1
+    def sources(nid: str) -> list[str]:
+        found = []
         for name, value in (prompt[nid].get("inputs") or {}).items():
             if _is_link(value):
                 src = str(value[0])
                 if src not in prompt:
                     raise WorkflowError(f"node {_describe(prompt, nid)}: input {name!r} is linked to node {src}, "
                                         "which does not exist")
-                visit(src, path + [nid])
-        state[nid] = 2
-        order.append(nid)
+                found.append(src)
+        return found
 
-    for nid in outputs:
-        visit(nid, [])
+    # Depth-first, with an explicit stack: a long chain of nodes cannot exhaust Python's recursion.
+    for root in outputs:
+        if state.get(root) == 2:
+            continue
+        state[root] = 1
+        path, stack = [root], [iter(sources(root))]
+        while stack:
+            for src in stack[-1]:
+                if state.get(src) == 2:
+                    continue
+                if state.get(src) == 1:
+                    cycle = (path[path.index(src):] + [src])[::-1]  # data-flow direction: each feeds the next
+                    raise WorkflowError("the workflow has a cycle (each node feeds the next): "
+                                        + " -> ".join(_describe(prompt, c) for c in cycle))
+                state[src] = 1
+                path.append(src)
+                stack.append(iter(sources(src)))
+                break
+            else:
+                stack.pop()
+                done = path.pop()
+                state[done] = 2
+                order.append(done)
     return order
 
 
@@ -680,8 +857,10 @@ class _RunContext:
     input_dir: Path
     output_dir: Path
     temp_dir: Path | None
-    prompt: dict
+    prompt: dict  # as written into PNG metadata (file names only)
     extra_pnginfo: dict | None
+    image_files: dict[str, Path] = field(default_factory=dict)  # LoadImage node id -> file given with --input
+    max_pixels: int = DEFAULT_MAX_PIXELS
     node_id: str = ""
     staged: list[_Staged] = field(default_factory=list)
     images: dict[str, Any] = field(default_factory=dict)
@@ -702,35 +881,35 @@ class LoadImage:
         return {"required": {"image": ("STRING", {"image_upload": True})}}
 
     def load_image(self, image: str):
-        import numpy as np
         import torch
-        from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
+        from PIL import ImageSequence
 
-        path = Path(image).expanduser()
-        if not path.is_absolute():
-            path = self.ctx.input_dir / path
-        try:
-            img = Image.open(path)
-        except FileNotFoundError:
+        from .images import ImageFileError, frame_arrays, open_image
+
+        path = self.ctx.image_files.get(self.ctx.node_id)
+        if path is None:
+            if "\0" in image or not image.strip():
+                raise WorkflowError(f"LoadImage: {image!r} is not a file name")
+            path = Path(image).expanduser()
+            if not path.is_absolute():
+                path = self.ctx.input_dir / path
+        if not path.exists():
             raise WorkflowError(f"input image {path} not found (pass --input IMAGE, or put it in the input "
-                                f"folder {self.ctx.input_dir})") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise WorkflowError(f"{path}: not a readable image ({exc})") from None
+                                f"folder {self.ctx.input_dir})")
         images, masks = [], []
-        with img:
-            for frame in ImageSequence.Iterator(img):
-                frame = ImageOps.exif_transpose(frame)
-                if frame.mode == "I":
-                    frame = frame.point(lambda v: v * (1 / 255))
-                rgb = np.array(frame.convert("RGB")).astype(np.float32) / 255.0
-                if images and rgb.shape != tuple(images[0].shape[1:]):
-                    break  # frames of another size cannot share a batch
-                images.append(torch.from_numpy(rgb)[None])
-                if "A" in frame.getbands():
-                    alpha = np.array(frame.getchannel("A")).astype(np.float32) / 255.0
-                    masks.append((1.0 - torch.from_numpy(alpha))[None])
-                else:
-                    masks.append(torch.zeros((1, 64, 64), dtype=torch.float32))
+        try:
+            with open_image(path, self.ctx.max_pixels) as img:
+                for frame in ImageSequence.Iterator(img):
+                    rgb, alpha = frame_arrays(frame, path)
+                    if images and rgb.shape != tuple(images[0].shape[1:]):
+                        break  # frames of another size cannot share a batch
+                    images.append(torch.from_numpy(rgb)[None])
+                    if alpha is not None:  # ComfyUI's MASK: 1 where transparent
+                        masks.append((1.0 - torch.from_numpy(alpha))[None])
+                    else:
+                        masks.append(torch.zeros((1, 64, 64), dtype=torch.float32))
+        except ImageFileError as exc:
+            raise WorkflowError(str(exc)) from None
         mask = torch.cat(masks) if len({tuple(m.shape) for m in masks}) == 1 else masks[0]
         return torch.cat(images), mask
 
@@ -894,7 +1073,8 @@ def run_workflow(workflow: str | os.PathLike | Mapping, *, inputs: Mapping[str, 
                  input_dir: str | os.PathLike = ".", temp_dir: str | os.PathLike | None = None,
                  models_dir: str | os.PathLike | None = None, classes: Mapping[str, type] | None = None,
                  progress: Progress | None = None,
-                 before_run: Callable[[dict, list[str]], None] | None = None) -> RunResult:
+                 before_run: Callable[[dict, list[str]], None] | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> RunResult:
     """Run a workflow (path or dict; API or UI format) and return what it produced.
 
     ``inputs`` sets LoadImage files (key ``""`` = the only LoadImage node, else a node id/type/title),
@@ -902,8 +1082,10 @@ def run_workflow(workflow: str | os.PathLike | Mapping, *, inputs: Mapping[str, 
     layout (nsarm/, text_encoders/; default $NSARM_MODELS_DIR or ./models). ``progress`` receives
     ``{"type": "executing", "node", "class_type"}`` and ``{"type": "executed", "node", "class_type",
     "seconds"}`` events. ``before_run(prompt, order)`` is called once the workflow is validated, before
-    any node runs (it may raise to refuse the run). Raises WorkflowError (NodeExecutionError when a
-    node raised); a failed run writes no file.
+    any node runs (it may raise to refuse the run). LoadImage refuses images of more than
+    ``max_pixels`` pixels before decoding them. Raises WorkflowError (NodeExecutionError when a node
+    raised); a failed run writes no file. PNG metadata holds the workflow with image file names,
+    never local folders.
     """
     import torch
 
@@ -913,17 +1095,21 @@ def run_workflow(workflow: str | os.PathLike | Mapping, *, inputs: Mapping[str, 
     with _models_env(models_dir):
         input_types = _class_input_types(classes)
         prompt = api_prompt(source, input_types)
-        if inputs:
-            prompt = set_image_inputs(prompt, inputs)
+        files = _image_nodes(prompt, inputs or {})
+        for nid, path in files.items():  # the node reads `path`; the prompt (and metadata) name the file
+            prompt[nid]["inputs"]["image"] = path.name
         prompt = apply_overrides(prompt, sets, input_types)
+        files = {nid: path for nid, path in files.items() if prompt[nid]["inputs"].get("image") == path.name}
         order = execution_order(prompt, classes)
         literals = _validate(prompt, order, classes)
         if before_run is not None:
             before_run(prompt, order)
 
+        is_ui = workflow_format(source) == "ui"
         ctx = _RunContext(Path(input_dir).expanduser(), Path(output_dir).expanduser(),
-                          Path(temp_dir).expanduser() if temp_dir is not None else None, prompt,
-                          {"workflow": source} if workflow_format(source) == "ui" else None)
+                          Path(temp_dir).expanduser() if temp_dir is not None else None, _public_prompt(prompt),
+                          {"workflow": _public_ui_workflow(source, files)} if is_ui else None,
+                          image_files=files, max_pixels=max_pixels)
         outputs: dict[str, tuple] = {}
         ui: dict[str, dict] = {}
         seconds: dict[str, float] = {}

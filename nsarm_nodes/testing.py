@@ -9,12 +9,18 @@ random (seeded), so the images are noise: these models check plumbing, not quali
 """
 from __future__ import annotations
 
+import errno
+import json
 import math
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from torch import nn
 
 from .config import PRESETS
@@ -65,28 +71,77 @@ def _randomize(module: nn.Module, gen: torch.Generator) -> None:
                 p.copy_(WEIGHT_STD * torch.randn(p.shape, generator=gen))
 
 
-def make_tiny_models(models_dir: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
-    """Write the tiny transformer, VAE and T5 under `models_dir` (ComfyUI models/ layout)."""
+TEST_MODEL_MARKER = "nsarm_test_model"  # safetensors metadata key / marker file of the T5 folder
+
+
+def _marker_seed(path: Path) -> str | None:
+    """The seed recorded in a test model written by `make_tiny_models`, or None for any other file."""
+    try:
+        if path.is_dir():
+            return json.loads((path / f"{TEST_MODEL_MARKER}.json").read_text()).get("seed")
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get(TEST_MODEL_MARKER)
+    except (OSError, ValueError, SafetensorError, AttributeError):
+        return None
+
+
+def make_tiny_models(models_dir: str | os.PathLike, seed: int = 0, *, overwrite: bool = False) -> dict[str, Path]:
+    """Write the tiny transformer, VAE and T5 under `models_dir` (ComfyUI models/ layout).
+
+    Never replaces a file that is not ours: when the targets already hold the test models of the same
+    seed nothing is written; any other existing target is a FileExistsError unless `overwrite`. Each
+    file (and the T5 folder) appears in one step, so an interrupted run leaves no partial model."""
+    from .images import write_new_file
     from .transformer import Infinity
     from .vae import BSQVAE
 
     root = Path(models_dir)
     preset = PRESETS["tiny"]
-    gen = torch.Generator().manual_seed(seed)
-    (root / "nsarm").mkdir(parents=True, exist_ok=True)
     paths = {
         "transformer": root / "nsarm" / preset.transformer_file,
         "vae": root / "nsarm" / preset.vae_file,
         "text encoder": root / "text_encoders" / "flan-t5-xl",
     }
+    existing = [p for p in paths.values() if p.exists() or p.is_symlink()]
+    if existing and len(existing) == len(paths) and all(_marker_seed(p) == str(seed) for p in existing):
+        return paths  # already there
+    if existing and not overwrite:
+        raise FileExistsError(errno.EEXIST, "already exists; pass --overwrite to replace it (the tiny random "
+                              "models would take its place) or choose another folder", str(existing[0]))
+    gen = torch.Generator().manual_seed(seed)
     transformer = Infinity(preset.transformer)
     _randomize(transformer, gen)
     vae = BSQVAE(preset.vae)
     _randomize(vae, gen)
+    (root / "nsarm").mkdir(parents=True, exist_ok=True)
     for key, module in (("transformer", transformer), ("vae", vae)):
         sd = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
-        tmp = paths[key].with_suffix(".tmp")
-        save_file(sd, str(tmp))
-        os.replace(tmp, paths[key])
-    build_tiny_t5(paths["text encoder"], d_model=preset.transformer.text_channels, seed=seed)
+        blob = save(sd, metadata={TEST_MODEL_MARKER: str(seed)})
+        write_new_file(paths[key], lambda fh, blob=blob: fh.write(blob), overwrite=True)
+    _replace_folder(paths["text encoder"], lambda tmp: build_tiny_t5(tmp, d_model=preset.transformer.text_channels,
+                                                                       seed=seed), str(seed))
     return paths
+
+
+def _replace_folder(dest: Path, build: Callable[[Path], object], seed: str) -> None:
+    """Build a folder under a hidden temporary name beside `dest` (marked with `seed`), then swap it
+    into place; an old `dest` is moved aside first and removed after."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    old = dest.parent / f"{tmp.name}.old"
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a folder the user makes honours the umask
+        build(tmp)
+        (tmp / f"{TEST_MODEL_MARKER}.json").write_text(json.dumps({"seed": seed}))
+        for item in tmp.iterdir():
+            os.chmod(item, 0o666 & ~umask)
+        if dest.is_dir() and not dest.is_symlink():
+            os.replace(dest, old)
+        elif dest.exists() or dest.is_symlink():
+            os.unlink(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
