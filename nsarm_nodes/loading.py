@@ -22,7 +22,6 @@ import os
 import pickle
 import struct
 import tempfile
-import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,38 @@ def describe(src) -> str:
     return str(src) if isinstance(src, (str, os.PathLike)) else "<state dict>"
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip format
+PICKLE_PROTO = 0x80  # first byte of a pickle (the legacy torch.save format)
+HTML_STARTS = (b"<!doctype", b"<html", b"<head")
+
+
+def _error_detail(exc: BaseException) -> str:
+    """The informative line of an exception message (torch's unpickling errors run over 10 lines)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line
+    return lines[0] if lines else type(exc).__name__
+
+
 def _read_torch(path: Path) -> object:
+    """A torch.save file read with weights_only=True (memory-mapped when the format allows): no code
+    in it is ever executed. Every way the file can be wrong is a CheckpointError naming it."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e.strerror or e})") from None
+    if size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes): the download or copy did not finish; "
+                              "download it again")
+    if head.lstrip().lower().startswith(HTML_STARTS):
+        raise CheckpointError(f"{path}: this is a web page, not a checkpoint (a download link answered with "
+                              "HTML, e.g. a sign-in or virus-scan page); download the file itself")
+    if not (head.startswith(ZIP_MAGIC) or head[0] == PICKLE_PROTO):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.save files are zip archives or pickles; "
+                              f"this one starts with {head[:8]!r}); check that it is the right file")
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -55,15 +85,19 @@ def _read_torch(path: Path) -> object:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refusing to load: the file needs arbitrary code execution to unpickle "
-            f"(only plain tensors and containers are allowed). Use the official weights, or convert "
-            f"a trusted copy to .safetensors. Detail: {str(e).splitlines()[0]}"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        detail = _error_detail(e)
+        if "GLOBAL" in detail:
+            raise CheckpointError(
+                f"{path}: refusing to load: the file needs arbitrary code execution to unpickle "
+                f"(only plain tensors and containers are allowed). Use the official weights, or convert "
+                f"a trusted copy to .safetensors. Detail: {detail}"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (damaged, or not made by torch.save); "
+                              f"download it again. Detail: {detail}") from None
+    except Exception as e:  # noqa: BLE001 - any failure to parse a user's file means a bad file
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint (truncated or corrupt download?). "
-            f"Re-download it and compare its size/md5 with the source. Detail: {str(e).splitlines()[0]}"
+            f"Re-download it and compare its size/md5 with the source. Detail: {type(e).__name__}: {_error_detail(e)}"
         ) from None
 
 
@@ -176,8 +210,8 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
             if n > min(size - 8, MAX_HEADER_BYTES):
                 raise _safetensors_error(path, f"header length {n} does not fit a file of {size} bytes")
             header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _safetensors_error(path, f"unreadable header ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise _safetensors_error(path, f"unreadable header ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise _safetensors_error(path, "header is not a JSON object")
     header.pop("__metadata__", None)
@@ -254,8 +288,14 @@ def _read_sharded(folder: Path) -> LazyStateDict:
     if indexes:
         try:
             weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{indexes[0]}: not a valid shard index ({e})") from None
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as e:
+            raise CheckpointError(f"{indexes[0]}: not a valid shard index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise CheckpointError(f"{indexes[0]}: \"weight_map\" must map tensor names to shard file names")
+        outside = [v for v in set(weight_map.values()) if Path(v).name != v or v in ("", ".", "..")]
+        if outside:
+            raise CheckpointError(f"{indexes[0]}: shard names must be files in {folder}, got {outside[:MAX_LISTED_KEYS]}")
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:

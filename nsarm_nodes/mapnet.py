@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .config import MapNetConfig
-from .loading import CheckpointError
+from .loading import CheckpointError, shape_of
 
 CONV_KERNEL = 3
 CONV_PADDING = 1  # "same" padding for the 3x3 convolutions
@@ -151,19 +151,25 @@ def infer_mapnet_config(
     counts (4, 4, 8, 8, 8, 12, 16), which require every width to be divisible by its head count.
     Anything else raises CheckpointError.
     """
-    first = sd.get(f"{prefix}feature_extractor.0.weight")
-    if first is None:
+    if f"{prefix}feature_extractor.0.weight" not in sd:
         return None
-    try:
-        c1, c_in = first.shape[:2]  # conv [c1, c_in, 3, 3]
-        c2 = sd[f"{prefix}feature_extractor.3.weight"].shape[0]  # conv [c2, c1, 3, 3]
-        grid = sd[f"{prefix}feature_extractor.1.weight"].shape[-1]  # LayerNorm [c1, G, G]
-        n = _branch_count(sd, prefix)
-        dims = tuple(sd[f"{prefix}feature_transforms.{i}.3.weight"].shape[0] for i in range(n))
-        layers = tuple(_layer_count(sd, prefix, i) for i in range(n))
-        ffn = [sd[f"{prefix}transformers.{i}.layers.0.linear1.weight"].shape[0] for i in range(n)]
-    except KeyError as e:
-        raise CheckpointError(f"transformation network under {prefix!r} is incomplete: no key {e}") from None
+
+    def dims_of(key: str, rank: int) -> tuple[int, ...]:
+        if key not in sd:
+            raise CheckpointError(f"transformation network under {prefix!r} is incomplete: no tensor {key}")
+        shape = tuple(shape_of(sd, key))  # from the header of a lazy state dict: nothing is read
+        if len(shape) != rank or min(shape, default=0) < 1:
+            raise CheckpointError(f"transformation network: tensor {key} has shape {list(shape)}, expected {rank} "
+                                  "dimensions of size >= 1; the file is damaged: download it again")
+        return shape
+
+    c1, c_in = dims_of(f"{prefix}feature_extractor.0.weight", 4)[:2]  # conv [c1, c_in, 3, 3]
+    c2 = dims_of(f"{prefix}feature_extractor.3.weight", 4)[0]  # conv [c2, c1, 3, 3]
+    grid = dims_of(f"{prefix}feature_extractor.1.weight", 3)[-1]  # LayerNorm [c1, G, G]
+    n = _branch_count(sd, prefix)
+    dims = tuple(dims_of(f"{prefix}feature_transforms.{i}.3.weight", 4)[0] for i in range(n))
+    layers = tuple(_layer_count(sd, prefix, i) for i in range(n))
+    ffn = [dims_of(f"{prefix}transformers.{i}.layers.0.linear1.weight", 2)[0] for i in range(n)]
     if n != len(RELEASED_OUTPUT_SIZES):
         raise CheckpointError(
             f"transformation network under {prefix!r} has {n} branches; only the released layout "

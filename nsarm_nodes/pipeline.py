@@ -141,7 +141,8 @@ class NSARMPipeline:
         return self.transformer.pos_start.device
 
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
-        return encode_prompts(list(prompts), self.text_encoder, self.prompt_cache)
+        return encode_prompts(list(prompts), self.text_encoder, self.prompt_cache,
+                              channels=self.transformer.cfg.text_channels)
 
     @torch.no_grad()
     def encode_lr(self, images: torch.Tensor) -> torch.Tensor:

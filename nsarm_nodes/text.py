@@ -265,6 +265,22 @@ def find_weight_files(folder: Path) -> list[Path]:
     return []
 
 
+def _check_pickled_weights(path: Path, folder: Path) -> None:
+    """A pytorch_model*.bin is a pickle: read it the way checkpoints are read (weights only, memory
+    mapped: cheap, nothing executed) before transformers sees it, and refuse it with the fix
+    when it needs code execution or is damaged."""
+    from .loading import CheckpointError, read_checkpoint
+
+    try:
+        read_checkpoint(path)
+    except CheckpointError as e:
+        raise TextEncoderError(
+            f"{str(e).rstrip('.')}. Fix: use the safetensors weights instead: put model.safetensors (or "
+            f"model.safetensors.index.json with its model-*.safetensors shards) from {T5_SOURCE} ({T5_URL}) into "
+            f"{folder} and remove {path.name}"
+        ) from None
+
+
 def _stat_sig(path: Path) -> list:
     st = path.stat()
     return [path.name, st.st_size, st.st_mtime_ns]
@@ -298,6 +314,8 @@ class T5TextEncoder:
             config = json.loads(config_bytes)
         except ValueError as e:
             raise _missing_error(folder, f"config.json is not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise _missing_error(folder, "config.json is not a JSON object")
         if config.get("model_type") != "t5":
             raise TextEncoderError(
                 f"{folder}: config.json has model_type {config.get('model_type')!r}, expected 't5' "
@@ -311,7 +329,13 @@ class T5TextEncoder:
             present = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".pt"))
             found = f" (found {', '.join(present)}: single-file conversions are not a Hugging Face folder)" if present else ""
             raise _missing_error(folder, f"the model weights are missing{found}")
-        self.d_model: int = int(config.get("d_model", 0))  # 2048 for Flan-T5-XL = transformer text channels
+        for path in weights:
+            if path.suffix == ".bin":
+                _check_pickled_weights(path, folder)
+        try:
+            self.d_model: int = int(config.get("d_model", 0))  # 2048 for Flan-T5-XL = transformer text channels
+        except (TypeError, ValueError):
+            raise _missing_error(folder, f"config.json has d_model {config.get('d_model')!r}, not a number") from None
 
         aux = [folder / n for n in _TOKENIZER_AUX if (folder / n).is_file()]
         files_sig = json.dumps([_stat_sig(p) for p in weights + tokenizer_files + aux])
@@ -347,7 +371,7 @@ class T5TextEncoder:
             try:
                 tokenizer = AutoTokenizer.from_pretrained(str(self.folder), legacy=True, local_files_only=True)
                 model = T5EncoderModel.from_pretrained(str(self.folder), local_files_only=True, **{dtype_kw: self.dtype})
-            except (OSError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001 - transformers reading damaged / foreign files of the user's
                 raise TextEncoderError(
                     f"{self.folder}: loading the Flan-T5 encoder failed ({type(e).__name__}: {e}). "
                     f"Expected a copy of {T5_SOURCE} ({T5_URL})."
@@ -454,16 +478,19 @@ class PromptCache:
     def path(self, prompt: str, encoder_identity: str) -> Path:
         return self.directory / f"{_prompt_hash(prompt)}-{cache_key(encoder_identity, prompt)}{self.SUFFIX}"
 
-    def get(self, prompts: Sequence[str] | str, encoder_identity: str | None) -> list[PromptEmbeds | None]:
+    def get(self, prompts: Sequence[str] | str, encoder_identity: str | None, *, channels: int | None = None,
+            problems: dict[str, str] | None = None) -> list[PromptEmbeds | None]:
         """One single-prompt PromptEmbeds (float32, CPU) or None per prompt. With
         ``encoder_identity=None`` any encoder's entry matches (newest file wins, with a warning
-        when several encoders cached the prompt)."""
+        when several encoders cached the prompt). An entry that is not usable (unreadable, wrong
+        prompt or encoder, not [L >= 1, ``channels``] float32, NaN/inf) is a miss with a warning;
+        ``problems`` (if given) receives prompt -> what was wrong."""
         out: list[PromptEmbeds | None] = []
         for p in _as_prompt_list(prompts):
             if encoder_identity is not None:
-                out.append(self._read(self.path(p, encoder_identity), p, encoder_identity))
+                out.append(self._read(self.path(p, encoder_identity), p, encoder_identity, channels, problems))
             else:
-                out.append(self._find_any(p))
+                out.append(self._find_any(p, channels, problems))
         return out
 
     def put(self, embeds: PromptEmbeds, encoder_identity: str) -> list[Path]:
@@ -497,30 +524,46 @@ class PromptCache:
             raise
         return path
 
-    def _read(self, path: Path, prompt: str, encoder_identity: str | None) -> PromptEmbeds | None:
+    def _read(self, path: Path, prompt: str, encoder_identity: str | None, channels: int | None = None,
+              problems: dict[str, str] | None = None) -> PromptEmbeds | None:
         if not path.is_file():
             return None
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
                 kv = f.get_tensor("kv")
-        except (OSError, SafetensorError, ValueError, RuntimeError) as e:
-            warnings.warn(f"prompt cache: ignoring unreadable {path.name} ({e})", stacklevel=3)
-            return None
-        ok = (
-            meta.get("format") == CACHE_FORMAT
-            and meta.get("prompt") == prompt
-            and (encoder_identity is None or meta.get("encoder_identity") == encoder_identity)
-            and kv.ndim == 2
-            and kv.shape[0] >= 1
-            and kv.dtype == torch.float32
-        )
-        if not ok:
-            warnings.warn(f"prompt cache: ignoring {path.name} (does not match prompt {_short(prompt)})", stacklevel=3)
+        except (OSError, SafetensorError, ValueError, RuntimeError, KeyError) as e:
+            problem = f"unreadable ({type(e).__name__}: {e})"
+        else:
+            problem = self._entry_problem(meta, kv, prompt, encoder_identity, channels)
+        if problem is not None:
+            warnings.warn(f"prompt cache: ignoring {path} for prompt {_short(prompt)}: {problem}; delete the file "
+                          "(it is re-encoded when the text encoder is loaded)", stacklevel=3)
+            if problems is not None:
+                problems[prompt] = f"{path}: {problem}"
             return None
         return PromptEmbeds.from_lengths(kv, [kv.shape[0]], [prompt])
 
-    def _find_any(self, prompt: str) -> PromptEmbeds | None:
+    @staticmethod
+    def _entry_problem(meta: dict, kv: torch.Tensor, prompt: str, encoder_identity: str | None,
+                       channels: int | None) -> str | None:
+        """What is wrong with a cache entry (None when it is usable)."""
+        if meta.get("format") != CACHE_FORMAT:
+            return f"format {meta.get('format')!r} is not {CACHE_FORMAT!r}"
+        if meta.get("prompt") != prompt:
+            return "it holds another prompt"
+        if encoder_identity is not None and meta.get("encoder_identity") != encoder_identity:
+            return "it was made by another text encoder"
+        if kv.dtype != torch.float32 or kv.ndim != 2 or not 1 <= kv.shape[0] <= MAX_TEXT_TOKENS:
+            return f"features {tuple(kv.shape)} {kv.dtype}, expected [1..{MAX_TEXT_TOKENS} tokens, C] float32"
+        if channels is not None and kv.shape[1] != channels:
+            return f"features have {kv.shape[1]} channels, the model takes {channels}"
+        if not torch.isfinite(kv).all():
+            return "features contain NaN or infinite values"
+        return None
+
+    def _find_any(self, prompt: str, channels: int | None = None,
+                  problems: dict[str, str] | None = None) -> PromptEmbeds | None:
         if not self.directory.is_dir():
             return None
         candidates = []
@@ -531,7 +574,7 @@ class PromptCache:
                 continue
         hits = []
         for _, _, path in sorted(candidates, reverse=True):
-            found = self._read(path, prompt, None)
+            found = self._read(path, prompt, None, channels, problems)
             if found is not None:
                 hits.append(found)
         if len(hits) > 1:
@@ -550,6 +593,8 @@ def encode_prompts(
     encoder: TextEncoderLike | None = None,
     cache: PromptCache | None = None,
     encoder_identity: str | None = None,
+    *,
+    channels: int | None = None,
 ) -> PromptEmbeds:
     """Prompt features for `prompts`, from `cache` where possible, otherwise from `encoder`.
 
@@ -561,6 +606,8 @@ def encode_prompts(
       lookup to one encoder; None accepts any encoder's entry.
     - `encoder_identity` defaults to ``encoder.identity``; passing a different one with an
       encoder is an error.
+    - `channels`: the feature width the model takes (its text channels). Cache entries of another
+      width (or damaged ones) are misses; an encoder of another width is a `TextEncoderError`.
     Returns float32 features on CPU (move them with ``.to(device)``).
     """
     prompts = _as_prompt_list(prompts)
@@ -570,18 +617,26 @@ def encode_prompts(
         encoder_identity = encoder.identity
     if encoder is None and cache is None:
         raise ValueError("encode_prompts needs a text encoder or a prompt cache (got neither)")
+    width = getattr(encoder, "d_model", None)
+    if channels is not None and isinstance(width, int) and width and width != channels:
+        raise TextEncoderError(
+            f"{getattr(encoder, 'folder', 'the text encoder')}: makes {width}-channel features but the model takes "
+            f"{channels}; NSARM needs {T5_SOURCE} ({T5_URL})"
+        )
 
     unique = list(dict.fromkeys(prompts))
     found: dict[str, PromptEmbeds] = {}
+    problems: dict[str, str] = {}
     if cache is not None:
-        for p, hit in zip(unique, cache.get(unique, encoder_identity)):
+        for p, hit in zip(unique, cache.get(unique, encoder_identity, channels=channels, problems=problems)):
             if hit is not None:
                 found[p] = hit
     misses = [p for p in unique if p not in found]
     if misses:
         if encoder is None:
             where = f" at {cache.directory}" if cache is not None else ""
-            listed = "\n".join(f"  - {_short(p, 100)}" for p in misses)
+            listed = "\n".join(f"  - {_short(p, 100)}" + (f" (the cached entry is unusable: {problems[p]})"
+                                                           if p in problems else "") for p in misses)
             raise PromptNotCachedError(
                 f"{len(misses)} prompt(s) not in the prompt cache{where}"
                 f"{' for encoder ' + encoder_identity if encoder_identity else ''}:\n{listed}\n"

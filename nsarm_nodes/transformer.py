@@ -442,10 +442,23 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: str) -> TransformerConf
     per = max(j for _, j in blocks) + 1
     if len(blocks) != chunks * per:
         raise CheckpointError(f"{source}: block numbering has gaps ({len(blocks)} blocks in {chunks} chunks)")
-    C = shape_of(sd, "pos_start")[-1]
-    d_vae = shape_of(sd, "word_embed.weight")[1]
-    heads = math.prod(shape_of(sd, "block_chunks.0.module.0.sa.scale_mul_1H11"))
-    Ct = shape_of(sd, "text_norm.weight")[0]
+    def dims(key: str, rank: int, what: str) -> tuple[int, ...]:
+        """Shape of `key`, which must exist with `rank` dimensions of size >= 1 (the configuration is read
+        from it: a missing or damaged tensor must not become a bare KeyError or a wrongly sized model)."""
+        if key not in sd:
+            raise CheckpointError(f"{source}: tensor {key} is missing (the model's {what} is read from it); the "
+                                  "file is incomplete or not an Infinity/NSARM checkpoint: download it again")
+        shape = tuple(shape_of(sd, key))
+        if len(shape) != rank or min(shape, default=0) < 1:
+            raise CheckpointError(f"{source}: tensor {key} has shape {list(shape)}, expected {rank} dimensions of "
+                                  f"size >= 1 (the model's {what} is read from it); the file is damaged: download "
+                                  "it again")
+        return shape
+
+    C = dims("pos_start", 3, "width")[-1]
+    d_vae = dims("word_embed.weight", 2, "bits per token")[1]
+    heads = math.prod(dims("block_chunks.0.module.0.sa.scale_mul_1H11", 4, "number of heads"))
+    Ct = dims("text_norm.weight", 1, "text width")[0]
 
     map_cfg: MapNetConfig | None = None
     if any(k.startswith("map_transformer.") for k in sd):
@@ -463,14 +476,14 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: str) -> TransformerConf
         depth=chunks * per,
         embed_dim=C,
         num_heads=heads,
-        ffn_hidden=shape_of(sd, "block_chunks.0.module.0.ffn.fc1.weight")[0],
+        ffn_hidden=dims("block_chunks.0.module.0.ffn.fc1.weight", 2, "feed-forward width")[0],
         text_channels=Ct,
-        text_maxlen=shape_of(sd, "cfg_uncond")[0] if "cfg_uncond" in sd else 512,
+        text_maxlen=dims("cfg_uncond", 2, "text length")[0] if "cfg_uncond" in sd else 512,
         block_chunks=chunks,
         codebook_dim=codebook,
         patchify=patchify,
-        pool_heads=shape_of(sd, "text_proj_for_sos.ca.mat_q")[1],
-        num_lvl_embeds=shape_of(sd, "lvl_embed.weight")[0],
+        pool_heads=dims("text_proj_for_sos.ca.mat_q", 3, "text pooling heads")[1],
+        num_lvl_embeds=dims("lvl_embed.weight", 2, "number of scale embeddings")[0],
         map_net=map_cfg,
     )
 

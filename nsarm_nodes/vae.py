@@ -281,6 +281,20 @@ def _not_a_vae(source: str, sd: Mapping[str, torch.Tensor]) -> CheckpointError:
     )
 
 
+def _check_conv(source: str, key: str, weight: torch.Tensor, in_channels: int | None = None) -> None:
+    """A 3x3 convolution weight [out >= 1, in, 3, 3] (in = `in_channels` when given), else CheckpointError
+    naming the file, the key and the expected shape."""
+    shape = tuple(weight.shape)
+    ok = (len(shape) == 4 and shape[0] >= 1 and shape[1] >= 1 and shape[2:] == (3, 3)
+          and (in_channels is None or shape[1] == in_channels))
+    if not ok:
+        out = shape[0] if shape and shape[0] >= 1 else "out"
+        want = f"[{out}, {in_channels if in_channels is not None else 'in'}, 3, 3]"
+        raise CheckpointError(f"{source}: {key} has shape {list(shape)}, expected {want} (a 3x3 convolution"
+                              f"{' of the RGB image' if in_channels == RGB else ''}); the file is damaged or not "
+                              "this VAE: download it again")
+
+
 def infer_vae_config(sd: Mapping[str, torch.Tensor], source: str = "<state dict>") -> VAEConfig:
     """VAEConfig from the tensor shapes of a VAE state dict (either key spelling).
 
@@ -292,6 +306,10 @@ def infer_vae_config(sd: Mapping[str, torch.Tensor], source: str = "<state dict>
     if any(t is None for t in required):
         raise _not_a_vae(source, sd)
     conv_in, conv_out, _ = required
+    # The shapes the configuration is read from must be right, or the model would be built to fit
+    # a damaged tensor and fail at the first convolution: [base_ch, 3 (RGB), 3, 3], [d, C, 3, 3].
+    _check_conv(source, REQUIRED_KEYS[0], conv_in, in_channels=RGB)
+    _check_conv(source, REQUIRED_KEYS[1], conv_out)
     base_ch, in_channels = conv_in.shape[:2]
     codebook_dim = conv_out.shape[0]
     keys = set(sd)
