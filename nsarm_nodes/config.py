@@ -115,7 +115,7 @@ PRESETS: dict[str, ModelPreset] = {
         transformer_file="infinity_2b_reg.pth",
         vae_file="infinity_vae_d32reg.pth",
     ),
-    # The golden-fixture model (../shared/golden/README.md section 3): same structure, tiny widths.
+    # The model of the reference vectors (tests/golden/README.md): same structure, tiny widths.
     "tiny": ModelPreset(
         name="tiny",
         transformer=TransformerConfig(

@@ -11,13 +11,13 @@ from nsarm_nodes.loading import CheckpointError
 from nsarm_nodes.mapnet import MapTransformer, infer_mapnet_config
 from nsarm_nodes.quantizer import map_outputs_to_bits
 
-from conftest import SHARED, golden
+from conftest import KEYS, golden
 
 PREFIX = "map_transformer."
 RELEASED_PARAMS = 385_103_600
-ATOL = RTOL = 1e-4  # golden README section 6
+ATOL = RTOL = 1e-4  # tests/golden/README.md, tolerances
 BATCH_ATOL = 1e-5
-KEYS_FILE = SHARED / "reference" / "keys" / "nsarm_8b_keys.txt"
+KEYS_FILE = KEYS / "nsarm_8b_keys.txt"
 
 
 def _map_subset(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ D = 14  # latent channels of the 8B tokenizer
 FULL = (128, 128)  # latent of a 1024x1024 image
 VAE_SCALES = [(s, s) for s in (2, 4, 8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 128)]
 MAP_SIDES = (2, 4, 8, 12, 16, 24, 32)
-FLOAT_TOL = dict(atol=2e-4, rtol=1e-4)  # golden/README.md section 6: summed_codes, F_hat
+FLOAT_TOL = dict(atol=2e-4, rtol=1e-4)  # tests/golden/README.md, tolerances: summed_codes, F_hat
 PROPS = settings(max_examples=25, deadline=None)
 
 

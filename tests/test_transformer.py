@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import GOLDEN, SHARED, golden
+from conftest import GOLDEN, KEYS, golden
 from nsarm_nodes import CheckpointError
 from nsarm_nodes.config import MapNetConfig, TransformerConfig
 from nsarm_nodes.sampler import sample, sample_bits
@@ -17,7 +17,6 @@ from nsarm_nodes.transformer import Infinity, load_transformer
 
 ATOL, RTOL = 1e-4, 1e-4  # hidden states, text path
 LOGIT_ATOL, CHECKSUM_ATOL = 2e-4, 2e-3
-KEYS = SHARED / "reference" / "keys"
 TAU, TOP_P = 0.5, 0.97
 
 

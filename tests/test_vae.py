@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import GOLDEN, SHARED, golden, golden_json, u8_to_unit
+from conftest import GOLDEN, KEYS, golden, golden_json, u8_to_unit
 from nsarm_nodes.loading import CheckpointError
 from nsarm_nodes.vae import BSQVAE, load_vae
 
 WEIGHTS = GOLDEN / "weights_vae.safetensors"
-KEYS_DIR = SHARED / "reference" / "keys"
+
 MASK_KEYS = ("quantizer.lfq.mask", "quantize.lfq.mask")
-# Suggested tolerances of golden/README.md section 6.
+# Tolerances of tests/golden/README.md.
 ENC_TOL = dict(atol=1e-4, rtol=1e-4)
 DEC_TOL = dict(atol=1e-4, rtol=0)
 DEC1024_TOL = dict(atol=3e-3, rtol=0)
@@ -46,7 +46,7 @@ def _tiny_from_key_file(name: str) -> tuple[list[str], dict[str, torch.Tensor]]:
     """A state dict with exactly the key names of a released VAE, widths shrunk by TINY_WIDTHS."""
     gen = torch.Generator().manual_seed(0)
     names, sd = [], {}
-    for line in (KEYS_DIR / name).read_text().splitlines():
+    for line in (KEYS / name).read_text().splitlines():
         key, shape, dtype = line.split("\t")
         dims = [int(x) for x in re.findall(r"\d+", shape)]
         names.append(key)
