@@ -210,14 +210,15 @@ def output_paths(inputs: list[Path], output: str | None, overwrite: bool) -> lis
 
 
 def cmd_upscale(args) -> int:
+    inputs = [Path(p) for p in args.inputs]
+    outputs = output_paths(inputs, args.output, args.overwrite)  # before anything slow
+    images = [load_image(p, args.max_pixels) for p in inputs]
+
     import torch
 
     from . import tiling
     from .pipeline import load_pipeline
 
-    inputs = [Path(p) for p in args.inputs]
-    outputs = output_paths(inputs, args.output, args.overwrite)
-    images = [load_image(p, args.max_pixels) for p in inputs]
     dtype = DTYPES[args.dtype] and getattr(torch, DTYPES[args.dtype])
     pipe = load_pipeline(args.models, device=args.device, dtype=dtype, text_encoder=not args.cached_prompts_only)
     for src, image, out in zip(inputs, images, outputs):

@@ -96,11 +96,12 @@ def cmd_convert(args) -> int:
 
     from .transformer import convert_checkpoint
 
+    from .files import check_output_file
+
     out = Path(args.output)
     if out.suffix.lower() not in (".safetensors", ".sft"):
         raise ValueError(f"{out}: the output must be a .safetensors file")
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"{out}: already exists; pass --overwrite to replace it or choose another -o")
+    check_output_file(out, args.overwrite, "-o")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     t0 = time.perf_counter()
 
@@ -115,6 +116,10 @@ def cmd_convert(args) -> int:
         info = convert_checkpoint(args.src, out, dtype, overwrite=args.overwrite, progress=progress)
     except FileExistsError as e:
         raise ValueError(str(e)) from None
+    except OSError as e:  # e.g. the disk filled up: no partial file is left; name the output
+        if e.filename is None or Path(str(e.filename)).name.startswith(f".{out.name}."):
+            raise OSError(e.errno, e.strerror, str(out)) from None
+        raise
     print(f"{args.src} -> {info['path']}: {info['tensors']} tensors, {info['bytes'] / 1e9:.2f} GB "
           f"(source {info['source_bytes'] / 1e9:.2f} GB), blocks {args.dtype}, rest fp32, verified, "
           f"{time.perf_counter() - t0:.1f}s, peak RSS {peak_rss_bytes() / 1e9:.2f} GB")

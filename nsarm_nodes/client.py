@@ -732,14 +732,18 @@ def queue_workflow(server: str, api_prompt: Mapping[str, Any], inputs: Mapping[s
             for item in files:
                 query = urllib.parse.urlencode(item)
                 tmp = out_dir / f".nsarm-{uuid.uuid4().hex[:12]}.part"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # honours the umask
-                temps.append(tmp)
-                with os.fdopen(fd, "wb") as fh:
-                    status, _ = _request(base, f"/view?{query}", timeout=left(), sink=fh, limit=MAX_DOWNLOAD_BYTES)
-                    if status != 200:
-                        raise ComfyClientError(f"downloading {item['filename']!r} from {base} failed: HTTP {status}")
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                try:
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # honours the umask
+                    temps.append(tmp)
+                    with os.fdopen(fd, "wb") as fh:
+                        status, _ = _request(base, f"/view?{query}", timeout=left(), sink=fh,
+                                             limit=MAX_DOWNLOAD_BYTES)
+                        if status != 200:
+                            raise ComfyClientError(f"downloading {item['filename']!r} from {base} failed: HTTP {status}")
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                except OSError as exc:  # writing into out_dir (disk full, ...): name the folder
+                    raise OSError(exc.errno, exc.strerror, str(out_dir)) from None
                 fetched.append((tmp, _safe_name(item["filename"])))
             written: list[Path] = []
             for tmp, name in fetched:

@@ -36,26 +36,20 @@ def os_problem(exc: OSError, flag: str = "output path") -> str:
     return fix.format(flag=flag) if fix else (exc.strerror or str(exc))
 
 
-def _nearest_existing(path: Path) -> Path:
-    """`path` or its nearest ancestor that exists (as anything); OutputError if one is not a folder."""
-    current = path
+def _existing_folder(folder: Path, target: Path) -> Path:
+    """The nearest of `folder` and its ancestors that exists; OutputError if that is not a folder
+    (files cannot be created below a regular file)."""
+    current = folder
     while True:
         try:
             st = os.stat(current)
-        except FileNotFoundError:
-            parent = current.parent
-            if parent == current:
+        except (FileNotFoundError, NotADirectoryError):
+            if current.parent == current:
                 return current
-            current = parent
+            current = current.parent
             continue
-        except NotADirectoryError:
-            # an ancestor is a regular file: find it for the message
-            probe = current.parent
-            while probe != probe.parent and not probe.exists():
-                probe = probe.parent
-            raise OutputError(f"{path}: {probe} is a file, not a folder; choose another output path") from None
-        if current != path and not stat.S_ISDIR(st.st_mode):
-            raise OutputError(f"{path}: {current} is a file, not a folder; choose another output path")
+        if not stat.S_ISDIR(st.st_mode):
+            raise OutputError(f"{target}: {current} is a file, not a folder; choose another output path")
         return current
 
 
@@ -73,10 +67,9 @@ def _probe(folder: Path, target: Path, flag: str) -> None:
 def check_output_folder(folder: str | os.PathLike, flag: str = "--output") -> Path:
     """`folder` (existing, or to be created) can receive new files. Returns it."""
     folder = Path(folder)
-    base = _nearest_existing(folder)
-    if base == folder and not folder.is_dir():
+    if folder.exists() and not folder.is_dir():
         raise OutputError(f"{flag} {folder}: is a file, not a folder; choose a folder (or another name)")
-    _probe(base, folder, flag)
+    _probe(_existing_folder(folder, folder), folder, flag)
     return folder
 
 
@@ -86,10 +79,8 @@ def check_output_file(path: str | os.PathLike, overwrite: bool, flag: str = "--o
     path = Path(path)
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (below a file: reported by _existing_folder)
         st = None
-    except NotADirectoryError:
-        st = None  # reported by _nearest_existing below
     if st is not None:
         if stat.S_ISLNK(st.st_mode):
             try:
@@ -104,7 +95,7 @@ def check_output_file(path: str | os.PathLike, overwrite: bool, flag: str = "--o
                               "choose another name")
         if not overwrite:
             raise OutputError(f"{flag} {path}: already exists; pass --overwrite to replace it or choose another name")
-    _probe(_nearest_existing(path.parent), path, flag)
+    _probe(_existing_folder(path.parent, path), path, flag)
     return path
 
 

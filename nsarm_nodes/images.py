@@ -205,6 +205,7 @@ def frame_arrays(frame, path: Path):
     from PIL import ImageOps
 
     try:
+        frame.load()  # decode first: damaged pixel data is an error, a damaged EXIF block only a warning
         try:
             frame = ImageOps.exif_transpose(frame)
         except Exception as exc:  # noqa: BLE001 - a damaged EXIF block should not cost the picture
@@ -247,8 +248,8 @@ def write_new_file(path: Path, write: Callable[[Any], None], *, overwrite: bool)
 
     path = Path(path)
     tmp = path.parent / f".{path.name[:100]}.{uuid.uuid4().hex[:12]}.part"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -257,6 +258,10 @@ def write_new_file(path: Path, write: Callable[[Any], None], *, overwrite: bool)
             os.replace(tmp, path)
         elif place_new(tmp, [path]) is None:
             raise FileExistsError(errno.EEXIST, "already exists", str(path))
+    except OSError as exc:
+        if exc.errno is not None and (exc.filename is None or str(exc.filename) == str(tmp)):
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -991,11 +991,14 @@ def _write_png(image, path: Path, prompt, extra_pnginfo, compress_level: int) ->
         meta.add_text("prompt", json.dumps(prompt))
     for key, value in (extra_pnginfo or {}).items():
         meta.add_text(key, json.dumps(value))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    with os.fdopen(fd, "wb") as fh:
-        pil.save(fh, format="PNG", pnginfo=meta, compress_level=compress_level)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as fh:
+            pil.save(fh, format="PNG", pnginfo=meta, compress_level=compress_level)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:  # name the output folder, not the hidden temporary file
+        raise OSError(exc.errno, exc.strerror, str(path.parent)) from None
 
 
 _COUNTER = re.compile(r"_(\d{5,})_\.png$")
