@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import colorfix, tiling
+from . import colorfix, options, tiling
 from .config import DEFAULT_PROMPT, LR_SIZE, SCALE_FACTOR
 from .sampler import sample
 from .text import PromptCache, PromptEmbeds, T5TextEncoder, encode_prompts
@@ -208,6 +208,10 @@ class NSARMPipeline:
         `seed` itself. `prompt` is one prompt or one per image.
         """
         images_to_unit(images)  # validates shape and finiteness before any work
+        for name, value in (("seed", seed), ("tau", tau), ("top_p", top_p), ("cfg", cfg), ("mode", next_scale_mode),
+                            ("color_fix", color_fix), ("tile_overlap", tile_overlap),
+                            ("tile_batch_size", tile_batch_size), ("blend", blend), ("output_scale", output_scale)):
+            options.check(name, value, f"NSARMPipeline: {name}")  # the bounds of the nodes and the CLI
         B, H, W, _ = images.shape
         prompts = [prompt] * B if isinstance(prompt, str) else list(prompt)
         if len(prompts) != B:

@@ -195,3 +195,17 @@ def test_tile_untile_fuzz(nodes, height, width, batch, channels, tile_size, over
     assert out.shape == (batch, height * scale, width * scale, 3)
     nearest = expected.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
     assert (out - nearest).abs().max() <= 1e-5
+
+
+def test_the_programmatic_api_checks_the_same_bounds():
+    from types import SimpleNamespace
+
+    from nsarm_nodes import NSARMPipeline
+
+    pipe = NSARMPipeline(SimpleNamespace(map_net=object()), vae=None)  # checks come before any model use
+    for kwargs, needle in ((dict(tau=float("nan")), "NSARMPipeline: tau: nan is not a finite number"),
+                           (dict(tile_batch_size=0), "NSARMPipeline: tile_batch_size: 0 is below the minimum 1"),
+                           (dict(output_scale=9.0), "NSARMPipeline: output_scale: 9 is above the maximum 4"),
+                           (dict(blend="soft"), "NSARMPipeline: blend: 'soft' is not one of cosine, linear, none")):
+        with pytest.raises(ValueError, match=needle):
+            pipe(torch.rand(1, 8, 8, 3), **kwargs)
