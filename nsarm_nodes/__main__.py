@@ -92,7 +92,8 @@ class _StopSignals:
         self._raise_when_safe(frame)
 
     def _retry(self, signum, frame) -> None:
-        self._raise_when_safe(frame)
+        if self.signum is not None:  # (an alarm from elsewhere, with no stop pending, is ignored)
+            self._raise_when_safe(frame)
 
     def _raise_when_safe(self, frame) -> None:
         if self._importing(frame) and hasattr(signal, "setitimer"):

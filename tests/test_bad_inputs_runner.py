@@ -278,7 +278,7 @@ def _mutate(wf, path, op, value):
     if op == "delete":
         del parent[key]
     elif op == "replace":
-        parent[key] = value
+        parent[key] = copy.deepcopy(value)  # (a shared object could be put inside itself: JSON has no cycles)
     elif op == "wrap":
         parent[key] = [parent[key]]
     elif op == "duplicate" and isinstance(parent, list):
