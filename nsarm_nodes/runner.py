@@ -1194,8 +1194,10 @@ def parse_input_args(values: Iterable[str]) -> dict[str, Path]:
             what = "the workflow's LoadImage node" if not ref else f"node {ref!r}"
             raise WorkflowError(f"--input: two images for {what}; give NODE=IMAGE for each LoadImage node")
         image = Path(path).expanduser()
-        if not image.is_file():
+        if not image.exists():
             raise WorkflowError(f"--input {value!r}: input image {image} not found")
+        if not image.is_file():
+            raise WorkflowError(f"--input {value!r}: {image} is not a regular file; give an image file")
         out[ref] = image
     return out
 
