@@ -136,7 +136,7 @@ def sample(
     prefill: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> SampleResult:
-    """Run the 13-scale loop. See the module docstring; DESIGN.md documents the arguments.
+    """Run the 13-scale loop. See the module docstring; docs/ARCHITECTURE.md documents the arguments.
 
     text: PromptEmbeds or (kv_compact [T, Ct], cu_seqlens int32 [B+1]); a single prompt is
     broadcast over a larger `lr_features` batch. lr_features: raw VAE features of the LR images
