@@ -1,4 +1,4 @@
-"""Command line: `python -m nsarm_nodes {upscale,run,queue,check-models,make-test-models} ...`.
+"""Command line: `python -m nsarm_nodes {upscale,upscale-dir,run,queue,check-models,make-test-models} ...`.
 
 User errors (missing weights, unreadable files, bad options) print one clear message and exit
 with status 2; no traceback. Outputs are written atomically and never overwrite an existing file
@@ -38,11 +38,18 @@ def load_image(path: Path):
     return torch.from_numpy(arr.copy()).float().div(255).unsqueeze(0)
 
 
-def save_image(image, path: Path, overwrite: bool) -> None:
-    """IMAGE [H, W, 3] in [0, 1] -> PNG at `path`, via a temporary file in the same folder."""
-    from PIL import Image
+def save_image(image, path: Path, overwrite: bool, metadata: dict[str, str] | None = None) -> None:
+    """IMAGE [H, W, 3] in [0, 1] -> PNG at `path`, via a temporary file in the same folder.
+    `metadata`: text chunks written before the image data (upscale-dir records its job there)."""
+    from PIL import Image, PngImagePlugin
 
     from .pipeline import to_uint8
+
+    info = None
+    if metadata:
+        info = PngImagePlugin.PngInfo()
+        for key, value in metadata.items():
+            info.add_text(key, value)
 
     if path.exists() and not overwrite:
         raise UserError(f"{path}: already exists; pass --overwrite to replace it or choose another -o")
@@ -50,7 +57,7 @@ def save_image(image, path: Path, overwrite: bool) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            Image.fromarray(to_uint8(image).cpu().numpy()).save(f, format="PNG")
+            Image.fromarray(to_uint8(image).cpu().numpy()).save(f, format="PNG", pnginfo=info)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -98,6 +105,16 @@ def output_paths(inputs: list[Path], output: Path | None) -> list[Path]:
     return [output / (p.stem + "_nsarm.png") for p in inputs]
 
 
+def pipeline_kwargs(args) -> dict:
+    """The options of `add_upscale_options` as NSARMPipeline keywords (seed and progress aside)."""
+    return dict(
+        prompt=args.prompt, tau=args.tau, top_p=args.top_p, cfg=args.cfg, next_scale_mode=args.next_scale_mode,
+        negative_prompt=args.negative_prompt, color_fix=args.color_fix, tile_overlap=args.overlap,
+        tile_batch_size=args.tile_batch_size, blend=args.blend, output_scale=args.output_scale,
+        max_tiles=args.max_tiles,
+    )
+
+
 def cmd_upscale(args) -> int:
     import torch
 
@@ -115,13 +132,7 @@ def cmd_upscale(args) -> int:
     for src, image, out in zip(inputs, images, outputs):
         _, h, w, _ = image.shape
         t0 = time.perf_counter()
-        result = pipe(
-            image, prompt=args.prompt, seed=args.seed, tau=args.tau, top_p=args.top_p, cfg=args.cfg,
-            next_scale_mode=args.next_scale_mode, negative_prompt=args.negative_prompt,
-            color_fix=args.color_fix, tile_overlap=args.overlap, tile_batch_size=args.tile_batch_size,
-            blend=args.blend, output_scale=args.output_scale, max_tiles=args.max_tiles,
-            progress=ScaleProgress(src.name),
-        )
+        result = pipe(image, seed=args.seed, progress=ScaleProgress(src.name), **pipeline_kwargs(args))
         save_image(result[0], out, args.overwrite)
         seconds = time.perf_counter() - t0
         print(f"{src} ({w}x{h}) -> {out} ({result.shape[2]}x{result.shape[1]}) in {seconds:.1f}s")
@@ -237,9 +248,31 @@ def cmd_queue(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_upscale_options(p: argparse.ArgumentParser) -> None:
+    """The models and pipeline options of `upscale`, shared by `upscale-dir` (see `pipeline_kwargs`)."""
     from .config import DEFAULT_PROMPT
 
+    p.add_argument("--models", required=True, help="models folder (ComfyUI layout: nsarm/, text_encoders/)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--negative-prompt", default=None, help="used only with --cfg != 1")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--tau", type=float, default=0.5, help="sampling temperature (NSARM: 0.5)")
+    p.add_argument("--top-p", type=float, default=0.97)
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance (NSARM: 1 = off)")
+    p.add_argument("--next-scale-mode", choices=("area", "trilinear"), default="area")
+    p.add_argument("--color-fix", choices=("adain+wavelet", "adain", "wavelet", "none"), default="adain+wavelet")
+    p.add_argument("--overlap", type=int, default=32, help="tile overlap in LR pixels")
+    p.add_argument("--blend", choices=("cosine", "linear", "none"), default="cosine")
+    p.add_argument("--tile-batch-size", type=int, default=1)
+    p.add_argument("--output-scale", type=float, default=4.0, help="final scale (the model makes 4x; "
+                   "other values resample its result)")
+    p.add_argument("--max-tiles", type=int, default=64, help="refuse inputs needing more tiles than this")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="auto", help="transformer block weights")
+    p.add_argument("--cached-prompts-only", action="store_true", help="do not load T5; use cached prompts")
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nsarm_nodes", description="NSARM 4x super-resolution")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -255,27 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("upscale", help="upscale image files (any size; tiled at 256 px)")
     u.add_argument("inputs", nargs="+", help="input images")
     u.add_argument("-o", "--output", help="output PNG (one input) or folder (several inputs)")
-    u.add_argument("--models", required=True, help="models folder (ComfyUI layout: nsarm/, text_encoders/)")
-    u.add_argument("--prompt", default=DEFAULT_PROMPT)
-    u.add_argument("--negative-prompt", default=None, help="used only with --cfg != 1")
-    u.add_argument("--seed", type=int, default=1)
-    u.add_argument("--tau", type=float, default=0.5, help="sampling temperature (NSARM: 0.5)")
-    u.add_argument("--top-p", type=float, default=0.97)
-    u.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance (NSARM: 1 = off)")
-    u.add_argument("--next-scale-mode", choices=("area", "trilinear"), default="area")
-    u.add_argument("--color-fix", choices=("adain+wavelet", "adain", "wavelet", "none"), default="adain+wavelet")
-    u.add_argument("--overlap", type=int, default=32, help="tile overlap in LR pixels")
-    u.add_argument("--blend", choices=("cosine", "linear", "none"), default="cosine")
-    u.add_argument("--tile-batch-size", type=int, default=1)
-    u.add_argument("--output-scale", type=float, default=4.0, help="final scale (the model makes 4x; "
-                   "other values resample its result)")
-    u.add_argument("--max-tiles", type=int, default=64, help="refuse inputs needing more tiles than this")
-    u.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    u.add_argument("--dtype", choices=tuple(DTYPES), default="auto", help="transformer block weights")
-    u.add_argument("--cached-prompts-only", action="store_true", help="do not load T5; use cached prompts")
+    add_upscale_options(u)
     u.add_argument("--report", action="store_true", help="print tile count and seam score")
     u.add_argument("--overwrite", action="store_true")
     u.set_defaults(func=cmd_upscale)
+
+    from .folder_job import add_cli_command  # `upscale-dir` (every image of a folder; in-process or on Ray)
+
+    add_cli_command(sub, add_upscale_options)
 
     r = sub.add_parser("run", help="run a workflow JSON (UI or API format) without ComfyUI")
     r.add_argument("workflow", help="workflow .json (e.g. workflows/nsarm_upscale.json)")
