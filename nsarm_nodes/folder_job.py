@@ -502,7 +502,14 @@ class RayEngine:
                 if close is not None:
                     close()
         except ray.exceptions.RayError as e:
-            raise JobError(f"the Ray job failed: {_one_line(e).splitlines()[0][:2000]}") from None
+            # Ray's message is the remote traceback (already shown in the worker's log lines); its
+            # last line names the original error.
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            cause = lines[-1] if lines else type(e).__name__
+            if getattr(e, "actor_init_failed", False):
+                raise JobError(f"a Ray worker could not start (it loads the models from --models on its own node): "
+                               f"{cause}") from None
+            raise JobError(f"the Ray job failed: {cause}") from None
         finally:
             if started:
                 ray.shutdown()
@@ -551,7 +558,7 @@ class Progress:
     def __init__(self, total: int, stream=sys.stderr, every: float = 10.0):
         self.total, self.stream, self.every = total, stream, every
         self.start = self.last = time.perf_counter()
-        self.done = self.failed = 0
+        self.done = self.failed = self.width = 0
         self.tty = getattr(stream, "isatty", lambda: False)()
 
     def update(self, failed: bool) -> None:
@@ -569,8 +576,9 @@ class Progress:
         eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
         line = (f"[upscale-dir] {self.done}/{self.total} images ({self.failed} failed), {rate:.2f} images/s, "
                 f"ETA {eta_s}")
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if self.done == self.total else ""))
+        if self.tty:  # rewrite the line in place, blanking what a longer previous line left
+            self.width = max(self.width, len(line))
+            self.stream.write("\r" + line.ljust(self.width) + ("\n" if self.done == self.total else ""))
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
@@ -635,8 +643,8 @@ def _clean_debris(out_dir: Path, outputs: Iterable[Path]) -> None:
 
 def run_folder_job(in_dir, out_dir, models, *, pipe_kwargs: dict, seed: int = 1, device: str | None = None,
                    dtype: str = "auto", cached_prompts_only: bool = False, overwrite: bool = False,
-                   retry_failed: bool = False, engine: Embedded | RayEngine | None = None, dry_run: bool = False, verbose: bool = False,
-                   stdout=None, stderr=None) -> JobSummary:
+                   retry_failed: bool = False, engine: Embedded | RayEngine | None = None, dry_run: bool = False,
+                   verbose: bool = False, stdout=None, stderr=None) -> JobSummary:
     """Upscale every image under `in_dir` into `out_dir` (see the module docstring). `pipe_kwargs`:
     NSARMPipeline keywords except seed/progress (`__main__.pipeline_kwargs`). Returns the summary
     (also printed); raises JobError (or MissingModelsError) when the job cannot start."""
@@ -671,7 +679,7 @@ def run_folder_job(in_dir, out_dir, models, *, pipe_kwargs: dict, seed: int = 1,
     if dry_run:
         for item in items:
             state = output_state(out_dir / item.out_rel, key, item.rel)
-            print(f"{item.rel} -> {item.out_rel}  seed {item.seed}  [{state}]", file=stdout)
+            print(f"{item.rel}\t{item.out_rel}\t{item.seed}\t{state}", file=stdout)
         for p in problems:
             print(f"{p['path']}: {p['error']}", file=stderr)
         return summary
@@ -822,11 +830,13 @@ mirroring the folders, as PNG. The pipeline options are those of `upscale`.
 Seeds: the image at relative path REL (POSIX, e.g. 2024/photo.jpg) gets
   seed(REL) = (SEED + int.from_bytes(sha256(REL)[:8], 'big')) mod 2**63
 so its output equals `upscale IN_DIR/REL --seed seed(REL)`, whichever worker makes it.
---dry-run lists each image, its output and seed.
+--dry-run prints one tab-separated line per image: REL, output path, seed, state (done, missing,
+stale, foreign).
 
 Re-running the same command skips finished images (each output records its job); other parameters
 into the same OUT_DIR are refused unless --overwrite. Bad images go to OUT_DIR/failures.jsonl and the
-job goes on (unreadable ones are retried once the file changes, or with --retry-failed). Exit status: 0 all done, 1 some images failed, 2 the job could not start, 130 Ctrl-C.
+job goes on (unreadable ones are retried once the file changes, or with --retry-failed).
+Exit status: 0 all done, 1 some images failed, 2 the job could not start, 130 Ctrl-C.
 """
 
 
@@ -852,7 +862,8 @@ def add_cli_command(sub, add_upscale_options: Callable) -> None:
                    "with GPUs, else the cluster's CPUs / workers)")
     d.add_argument("--retry-failed", action="store_true", help="also retry inputs the last run could not read "
                    "(by default they are retried only once the file changes)")
-    d.add_argument("--dry-run", action="store_true", help="list images, outputs, seeds and states; upscale nothing")
+    d.add_argument("--dry-run", action="store_true", help="print REL, output, seed and state per image "
+                   "(tab-separated); upscale nothing, write nothing")
     d.add_argument("-v", "--verbose", action="store_true", help="print a line per finished image")
     d.set_defaults(func=cmd_upscale_dir)
 
@@ -875,5 +886,6 @@ def cmd_upscale_dir(args) -> int:
     summary = run_folder_job(
         args.in_dir, args.out_dir, args.models, pipe_kwargs=pipeline_kwargs(args), seed=args.seed,
         device=args.device, dtype=args.dtype, cached_prompts_only=args.cached_prompts_only,
-        overwrite=args.overwrite, retry_failed=args.retry_failed, engine=engine, dry_run=args.dry_run, verbose=args.verbose)
+        overwrite=args.overwrite, retry_failed=args.retry_failed, engine=engine, dry_run=args.dry_run,
+        verbose=args.verbose)
     return summary.exit_code

@@ -208,6 +208,12 @@ def test_embedded_job_equals_upscale_isolates_failures_and_resumes(photos, model
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["params"]["seed"] == SEED and manifest["key"] == record["job"]
 
+    assert main(args + ["--dry-run"]) == 0
+    plan = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [row[0] for row in plan] == sorted(list(GOOD) + ["sub/deep/corrupt.png"], key=lambda r: r.split("/"))
+    assert all(row[3] == "done" for row in plan if row[0] in GOOD)
+    assert {row[0]: int(row[2]) for row in plan}["b.jpg"] == image_seed(SEED, "b.jpg")
+
     before = mtimes(out)
     assert main(args + ["--tile-batch-size", "2"]) == 1  # execution-only options may change on resume
     assert "0 upscaled, 5 already done, 3 failed" in capsys.readouterr().out
