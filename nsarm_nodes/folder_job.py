@@ -440,6 +440,9 @@ class RayEngine:
         """(workers, GPUs per worker, CPUs per worker, a warning or "") for this cluster. JobError if
         they cannot fit a local instance (a cluster may still scale up: then only the warning)."""
         total_gpus, total_cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 0))
+        if device is not None and device.startswith("cuda:"):
+            raise JobError(f"--device {device}: with --ray each worker gets its GPU from Ray; use --device cuda "
+                           "or leave it unset")
         if device is not None and device.startswith("cuda") and total_gpus == 0:
             raise JobError(f"--device {device}: the Ray cluster has no GPUs; leave --device unset or use cpu")
         if total_gpus > 0 and (device is None or device.startswith("cuda")):
@@ -719,6 +722,8 @@ def run_folder_job(in_dir, out_dir, models, *, pipe_kwargs: dict, seed: int = 1,
                 pending.append(item)
         head = (f"[upscale-dir] {len(items)} images under {in_dir}: {summary.already_done} already done, "
                 f"{len(pending)} to upscale")
+        if not items:
+            head += f" (no {', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} files there)"
         print(head + (f", {len(summary.failures)} cannot be (see {FAILURES_NAME})" if summary.failures else ""),
               file=stderr, flush=True)
         t0 = time.perf_counter()

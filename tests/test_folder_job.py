@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from nsarm_nodes import folder_job
 from nsarm_nodes.__main__ import main
 from nsarm_nodes.folder_job import (
     EXIT_ONCE_ENV, FAILURES_NAME, MANIFEST_NAME, JobError, RayEngine, discover, image_seed, output_names,
@@ -175,6 +176,8 @@ def test_ray_worker_plan():
     assert "do not fit" in RayEngine(address="auto", workers=8).plan({"CPU": 16, "GPU": 4}, None, 100)[3]
     with pytest.raises(JobError, match="no GPUs"):
         plan({"CPU": 2}, "cuda", 100)
+    with pytest.raises(JobError, match="gets its GPU from Ray"):
+        plan({"CPU": 2, "GPU": 2}, "cuda:1", 100)
 
 
 def test_cli_refuses_bad_folders_and_options(tmp_path, models_dir, capsys):
@@ -272,6 +275,22 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(models_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "1 upscaled, 1 already done" in r.stdout
     assert sorted(p.name for p in out.glob("*.png")) == ["p0.png", "p1.png"]
+
+
+def test_an_image_that_keeps_killing_workers_is_given_up(models_dir, tmp_path):
+    """Ray retries a dead worker's image on a restarted worker; the death count stops an image that
+    kills every worker (e.g. out of host memory) from being retried for ever."""
+    make_image(tmp_path / "in" / "x.png", 16, 16, "RGB", seed=3)
+    spec = folder_job.JobSpec(str(tmp_path / "in"), str(tmp_path / "out"), str(models_dir), {}, {}, "key",
+                              device="cpu", count_deaths=True)
+    worker = folder_job.ImageWorker(spec)
+    counter = folder_job._DeathCounter(tmp_path / "out", "x.png")
+    counter.start()
+    for _ in range(folder_job.MAX_WORKER_DEATHS - 1):  # started by workers that then died
+        counter.start()
+    row = worker.upscale(folder_job.Item("x.png", "x.png", 1))
+    assert row["status"] == "failed" and "died 3 times" in row["error"], row
+    assert not counter.path.exists() and not (tmp_path / "out" / "x.png").exists()
 
 
 # ---------------------------------------------------------------------------------------------
