@@ -7,13 +7,15 @@ then runs `python -m nsarm_nodes upscale-dir IN OUT --ray --workers W` for each 
 OUT and timestamps each finished image as the command reports it (-v). Figures per run: wall time
 of the whole command (Ray start and model loading included) and the steady throughput
 (images finished after the first W, over the time since the W-th), and the ratio of steady
-throughputs to the first W. On CPUs give each worker the same --cpus-per-worker, so the ratio
-measures scaling, not thread counts; the machine's load average is printed (other jobs skew it).
+throughputs to the first W (medians when a count is repeated). On CPUs give each worker the same
+--cpus-per-worker, so the ratio measures scaling, not thread counts; the machine's load average is
+printed (other jobs skew it).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,13 +40,15 @@ def run_once(in_dir: Path, out_dir: Path, models: Path, workers: int, cpus: floa
     wall = time.perf_counter() - t0
     k = min(workers, len(stamps) - 1)
     steady = (len(stamps) - k) / (stamps[-1] - stamps[k - 1]) if k >= 1 and stamps[-1] > stamps[k - 1] else float("nan")
-    return {"workers": workers, "images": len(stamps), "wall": wall, "first": stamps[0], "steady": steady}
+    return {"workers": workers, "images": len(stamps), "wall": wall, "first": stamps[0], "steady": steady,
+            "load": os.getloadavg()[0]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=8)
-    ap.add_argument("--workers", default="1,2", help="comma list of worker counts (default 1,2)")
+    ap.add_argument("--workers", default="1,2", help="comma list of worker counts, run in this order "
+                    "(default 1,2; e.g. 1,2,1,2 to alternate on a busy machine: the ratios use the medians)")
     ap.add_argument("--cpus-per-worker", type=float, default=1.0)
     ap.add_argument("--models", default=None, help="models folder (default: tiny random test models)")
     ap.add_argument("extra", nargs="*", help="more upscale-dir options, after --")
@@ -67,19 +71,23 @@ def main() -> None:
         for i in range(args.images):
             Image.fromarray((rng.random((256, 256, 3)) * 255).astype(np.uint8)).save(in_dir / f"img{i:04d}.png")
         results = []
-        for w in (int(x) for x in args.workers.split(",")):
-            results.append(run_once(in_dir, tmp / f"out{w}", models, w, args.cpus_per_worker, args.extra))
+        for i, w in enumerate(int(x) for x in args.workers.split(",")):
+            results.append(run_once(in_dir, tmp / f"out{i}", models, w, args.cpus_per_worker, args.extra))
             r = results[-1]
             print(f"workers {w}: {r['images']} images, wall {r['wall']:.1f} s (first image after {r['first']:.1f} s), "
-                  f"steady {r['steady']:.3f} images/s", flush=True)
-    base = results[0]
-    print(f"\nload average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}  cpus: {os.cpu_count()}  "
-          f"cpus per worker: {args.cpus_per_worker:g}")
-    print("| workers | wall (s) | steady images/s | steady ratio | wall ratio |")
-    print("|---:|---:|---:|---:|---:|")
+                  f"steady {r['steady']:.3f} images/s, load average {r['load']:.2f}", flush=True)
+    by_workers: dict[int, list[dict]] = {}
     for r in results:
-        print(f"| {r['workers']} | {r['wall']:.1f} | {r['steady']:.3f} | x{r['steady'] / base['steady']:.2f} | "
-              f"x{base['wall'] / r['wall']:.2f} |")
+        by_workers.setdefault(r["workers"], []).append(r)
+    med = {w: {k: statistics.median(r[k] for r in rs) for k in ("wall", "steady", "load")}
+           for w, rs in by_workers.items()}
+    base = med[results[0]["workers"]]
+    print(f"\ncpus: {os.cpu_count()}  cpus per worker: {args.cpus_per_worker:g}  images: {args.images}")
+    print("| workers | runs | wall (s) | steady images/s | steady ratio | wall ratio | load average |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for w, m in med.items():
+        print(f"| {w} | {len(by_workers[w])} | {m['wall']:.1f} | {m['steady']:.3f} | "
+              f"x{m['steady'] / base['steady']:.2f} | x{base['wall'] / m['wall']:.2f} | {m['load']:.1f} |")
 
 
 if __name__ == "__main__":
