@@ -201,8 +201,16 @@ def fingerprint(path: Path) -> str:
 
 
 def job_params(pipe_kwargs: dict, seed: int, dtype: str, model_files: dict[str, Path]) -> dict:
-    """The parameters that determine the output pixels (the job key is their hash)."""
-    params = {k: v for k, v in sorted(pipe_kwargs.items()) if k not in EXECUTION_ONLY}
+    """The parameters that determine the output pixels (the job key is their hash); options left
+    out of `pipe_kwargs` count with the pipeline's defaults."""
+    import inspect
+
+    from .pipeline import NSARMPipeline
+
+    defaults = {name: p.default for name, p in inspect.signature(NSARMPipeline.__call__).parameters.items()
+                if p.default is not inspect.Parameter.empty and name not in ("seed", "progress")}
+    params = {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v  # 4 and 4.0 alike
+              for k, v in sorted({**defaults, **pipe_kwargs}.items()) if k not in EXECUTION_ONLY}
     if params.get("cfg", 1.0) == 1.0:
         params["negative_prompt"] = None  # unused without guidance
     params.update(seed=int(seed), seed_rule="sha256-path/1", dtype=dtype,

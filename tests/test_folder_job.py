@@ -24,7 +24,8 @@ from PIL import Image
 from nsarm_nodes import folder_job
 from nsarm_nodes.__main__ import main
 from nsarm_nodes.folder_job import (
-    EXIT_ONCE_ENV, FAILURES_NAME, MANIFEST_NAME, JobError, RayEngine, discover, image_seed, output_names,
+    EXIT_ONCE_ENV, FAILURES_NAME, MANIFEST_NAME, JobError, RayEngine, discover, image_seed, job_key, job_params,
+    output_names,
 )
 from nsarm_nodes.testing import make_tiny_models
 
@@ -156,6 +157,23 @@ def test_image_seed_follows_the_documented_formula():
     assert image_seed(1, rel) == (1 + int(digest[:16], 16)) % 2**63
     assert image_seed(1, rel) != image_seed(2, rel) != image_seed(2, "2024/holiday/IMG_0002.jpg")
     assert all(0 <= image_seed(2**64 + s, rel) < 2**63 for s in range(3))
+
+
+def test_job_key_counts_what_changes_pixels_only():
+    from nsarm_nodes.__main__ import build_parser, pipeline_kwargs
+
+    def key(*cli, seed=1, dtype="auto"):
+        args = build_parser().parse_args(["upscale-dir", "in", "out", "--models", "m", *cli])
+        return job_key(job_params(pipeline_kwargs(args), seed, dtype, {}))
+
+    base = key()
+    assert job_key(job_params({}, 1, "auto", {})) == base  # the pipeline's defaults = the CLI's
+    assert key("--tile-batch-size", "4", "--max-tiles", "9", "--device", "cpu") == base
+    assert key("--negative-prompt", "blur") == base  # unused without guidance
+    changed = [key("--prompt", "x"), key("--tau", "0.6"), key("--top-p", "0.9"), key("--cfg", "2"),
+               key("--next-scale-mode", "trilinear"), key("--color-fix", "none"), key("--overlap", "16"),
+               key("--blend", "linear"), key("--output-scale", "2"), key(seed=2), key(dtype="bf16")]
+    assert len({base, *changed}) == len(changed) + 1
 
 
 def test_ray_missing_gives_install_hint(monkeypatch, tmp_path):
