@@ -19,8 +19,9 @@ Engines (the per-image work is the same `ImageWorker.upscale` in both):
 Determinism: the image at POSIX relative path REL (e.g. `2024/photo.jpg`) is upscaled with
     seed(REL) = (SEED + int.from_bytes(sha256(REL as UTF-8 bytes)[:8], "big")) mod 2**63
 whatever worker, batch or order handles it, so its output equals
-`python -m nsarm_nodes upscale IN_DIR/REL -o X --seed seed(REL)` with the same options (on the same
-kind of device). The seed is recorded in each output.
+`python -m nsarm_nodes upscale IN_DIR/REL -o X --seed seed(REL)` with the same options on the same
+kind of device (on CPUs also with the same number of torch threads, which changes float rounding).
+The seed is recorded in each output.
 
 Nothing lost, nothing done twice:
 - Outputs are written atomically (temporary file + rename), each with an `nsarm` PNG text chunk
@@ -68,8 +69,8 @@ FAILURES_NAME = "failures.jsonl"
 STATE_DIR_NAME = ".nsarm-job"  # lock file and per-image worker-death counts
 METADATA_KEY = "nsarm"  # PNG text chunk of every output
 SEED_MODULUS = 2**63  # derived seeds stay within int64 (Ray/Arrow columns, JSON)
-# Options that change speed or what is refused, never the pixels (beyond float rounding):
-# not part of the job key, so a resumed job may change them.
+# Options that change speed or what is refused; they reach the pixels only through float rounding
+# (as another GPU model would). Not part of the job key, so a resumed job may change them.
 EXECUTION_ONLY = ("tile_batch_size", "max_tiles")
 MAX_WORKER_DEATHS = 3
 FINGERPRINT_CHUNK = 1 << 20  # bytes read at the start, middle and end of a weight file
