@@ -1,4 +1,4 @@
-"""Command line: `python -m nsarm_nodes {upscale,run,queue,check-models,make-test-models,convert,bench} ...`.
+"""Command line: `python -m nsarm_nodes {upscale,upscale-dir,run,queue,check-models,make-test-models,convert,bench} ...`.
 
 One error path (`main`): anything a user can cause -- a bad option (checked against the option
 table before any weights load), a missing or unreadable input, an output that cannot be written,
@@ -7,7 +7,8 @@ on the files named -- prints one `error: ...` message naming the file or option,
 and the fix, and exits with status 2; no traceback. Ctrl-C exits with 130, SIGTERM with 143 (SIGHUP
 129), after the same clean-up as any failure: no partial output file and no staging folder is left.
 Internal bugs still show their traceback. Outputs are written atomically and never replace an
-existing file unless --overwrite is given.
+existing file unless --overwrite is given. `upscale-dir` exits with 1 when it ran but some images
+failed (listed in OUT_DIR/failures.jsonl).
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from pathlib import Path
 
 EXIT_USER_ERROR = 2
 EXIT_SIGNAL_BASE = 128  # exit status of a command stopped by signal N: 128 + N (130 Ctrl-C, 143 SIGTERM)
-DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 OUTPUT_SUFFIX = "_nsarm"
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
@@ -210,28 +210,34 @@ def output_paths(inputs: list[Path], output: str | None, overwrite: bool) -> lis
     return outs
 
 
+def pipeline_kwargs(args) -> dict:
+    """The pipeline options of `add_upscale_options` as NSARMPipeline keywords (seed and progress
+    aside). One mapping for `upscale` and `upscale-dir`, so that an option added here reaches both
+    commands and the folder job's key."""
+    return dict(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, tau=args.tau, top_p=args.top_p, cfg=args.cfg,
+        next_scale_mode=args.mode, color_fix=args.color_fix, tile_overlap=args.tile_overlap,
+        tile_batch_size=args.tile_batch_size, blend=args.blend, output_scale=args.output_scale,
+        max_tiles=args.max_tiles,
+    )
+
+
 def cmd_upscale(args) -> int:
     inputs = [Path(p) for p in args.inputs]
     outputs = output_paths(inputs, args.output, args.overwrite)  # before anything slow
     images = [load_image(p, args.max_pixels) for p in inputs]
 
-    import torch
-
     from . import tiling
+    from .options import torch_dtype
     from .pipeline import load_pipeline
 
-    dtype = DTYPES[args.dtype] and getattr(torch, DTYPES[args.dtype])
-    pipe = load_pipeline(args.models, device=args.device, dtype=dtype, text_encoder=not args.cached_prompts_only)
+    pipe = load_pipeline(args.models, device=args.device, dtype=torch_dtype(args.dtype),
+                         text_encoder=not args.cached_prompts_only)
     for src, image, out in zip(inputs, images, outputs):
         _, h, w, _ = image.shape
         t0 = time.perf_counter()
-        result = pipe(
-            image, prompt=args.prompt, seed=args.seed, tau=args.tau, top_p=args.top_p, cfg=args.cfg,
-            next_scale_mode=args.mode, negative_prompt=args.negative_prompt,
-            color_fix=args.color_fix, tile_overlap=args.tile_overlap, tile_batch_size=args.tile_batch_size,
-            blend=args.blend, output_scale=args.output_scale, max_tiles=args.max_tiles,
-            progress=ScaleProgress(src.name, checkpoint=args.checkpoint),
-        )
+        result = pipe(image, seed=args.seed, progress=ScaleProgress(src.name, checkpoint=args.checkpoint),
+                      **pipeline_kwargs(args))
         save_image(result[0], out, args.overwrite)
         seconds = time.perf_counter() - t0
         print(f"{src} ({w}x{h}) -> {out} ({result.shape[2]}x{result.shape[1]}) in {seconds:.1f}s")
@@ -241,6 +247,35 @@ def cmd_upscale(args) -> int:
             print(f"  tiles {grid.tiles_per_image} ({grid.rows}x{grid.cols}), seam score {score:.3f} "
                   f"(1.0 = seams as smooth as the interior)")
     return 0
+
+
+def cmd_upscale_dir(args) -> int:
+    """Every image of a folder (see nsarm_nodes.folder_job); 0 all done, 1 some images failed."""
+    from .folder_job import Embedded, JobError, RayEngine, run_folder_job
+    from .options import check, option
+
+    ray_options = ("workers", "gpus_per_worker", "cpus_per_worker")
+    if args.ray is None:
+        given = [option(name).flag for name in ray_options if getattr(args, name) is not None]
+        if given:
+            raise JobError(f"{', '.join(given)}: Ray options, which need --ray (the in-process job runs one model "
+                           "replica); add --ray or leave them out")
+        device = check("device", args.device) if args.device is not None else None  # this machine's devices
+        engine = Embedded()
+    else:
+        # The Ray workers' devices are on the cluster's nodes, not necessarily here: only the form is checked.
+        device = args.device and args.device.strip()
+        if device not in (None, "cpu", "cuda"):
+            raise JobError(f"--device {args.device}: with --ray use cuda or cpu, or leave it unset (cuda where the "
+                           "cluster has GPUs); each worker gets its GPU from Ray, so cuda:N is not allowed")
+        engine = RayEngine(address=None if args.ray == "local" else args.ray, workers=args.workers,
+                           gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker)
+    summary = run_folder_job(
+        args.in_dir, args.out_dir, args.models, pipe_kwargs=pipeline_kwargs(args), seed=args.seed, device=device,
+        dtype=args.dtype, cached_prompts_only=args.cached_prompts_only, max_pixels=args.max_pixels,
+        overwrite=args.overwrite, retry_failed=args.retry_failed, engine=engine, dry_run=args.dry_run,
+        verbose=args.verbose)
+    return summary.exit_code
 
 
 def _run_progress(event: dict) -> None:
@@ -360,9 +395,57 @@ def cmd_queue(args) -> int:
     return 0
 
 
+UPSCALE_DIR_DESCRIPTION = """\
+Upscale every image under IN_DIR (recursive; png, jpg, jpeg, webp, bmp, tif, tiff) into OUT_DIR,
+mirroring the folders, as PNG. The pipeline options are those of `upscale`.
+
+Seeds: the image at relative path REL (POSIX, e.g. 2024/photo.jpg) gets
+  seed(REL) = (SEED + int.from_bytes(sha256(REL)[:8], 'big')) mod 2**63
+so its output equals `upscale IN_DIR/REL --seed seed(REL)`, whichever worker makes it.
+--dry-run prints one tab-separated line per image: REL, output path, seed, state (done, missing,
+stale, foreign).
+
+Re-running the same command skips finished images (each output records its job); other parameters
+into the same OUT_DIR are refused unless --overwrite. Bad images go to OUT_DIR/failures.jsonl and the
+job goes on (unreadable ones are retried once the file changes or --max-pixels is raised, or with
+--retry-failed). Exit status: 0 all done, 1 some images failed, 2 the job could not start (one
+`error:` line), 130 Ctrl-C, 143 SIGTERM (run the same command again to resume).
+"""
+
+
+def add_upscale_options(p: argparse.ArgumentParser, local_device: bool = True) -> None:
+    """The models and pipeline options of `upscale`, shared by `upscale-dir` (see `pipeline_kwargs`).
+    `local_device=False`: --device is kept as text, to be checked by the command (a Ray job's devices
+    are on the cluster's nodes, not necessarily on this machine)."""
+    from .config import DEFAULT_PROMPT
+    from .options import add_argument
+
+    p.add_argument("--models", required=True, help="models folder (ComfyUI layout: nsarm/, text_encoders/)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="description of the image")
+    p.add_argument("--negative-prompt", default=None, help="used only with --cfg != 1")
+    add_argument(p, "seed")
+    add_argument(p, "tau")
+    add_argument(p, "top_p")
+    add_argument(p, "cfg")
+    add_argument(p, "mode", "--next-scale-mode")
+    add_argument(p, "color_fix")
+    add_argument(p, "tile_overlap", "--overlap")
+    add_argument(p, "blend")
+    add_argument(p, "tile_batch_size")
+    add_argument(p, "output_scale")
+    add_argument(p, "max_tiles")
+    add_argument(p, "max_pixels")
+    if local_device:
+        add_argument(p, "device")
+    else:
+        add_argument(p, "device", type=str, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu); "
+                     "with --ray: cuda or cpu (Ray gives each worker its GPU)")
+    add_argument(p, "dtype")
+    p.add_argument("--cached-prompts-only", action="store_true", help="do not load T5; use cached prompts")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import options
-    from .config import DEFAULT_PROMPT
     from .options import add_argument
 
     p = options.parser(prog="python -m nsarm_nodes", description="NSARM 4x super-resolution")
@@ -383,27 +466,28 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("-o", "--output", help="output image (one input; the extension picks the format: "
                    f"{', '.join(options.OUTPUT_FORMATS)}) or folder (an existing one, or a name without extension); "
                    "default: IN_nsarm.png beside each input")
-    u.add_argument("--models", required=True, help="models folder (ComfyUI layout: nsarm/, text_encoders/)")
-    u.add_argument("--prompt", default=DEFAULT_PROMPT, help="description of the image")
-    u.add_argument("--negative-prompt", default=None, help="used only with --cfg != 1")
-    add_argument(u, "seed")
-    add_argument(u, "tau")
-    add_argument(u, "top_p")
-    add_argument(u, "cfg")
-    add_argument(u, "mode", "--next-scale-mode")
-    add_argument(u, "color_fix")
-    add_argument(u, "tile_overlap", "--overlap")
-    add_argument(u, "blend")
-    add_argument(u, "tile_batch_size")
-    add_argument(u, "output_scale")
-    add_argument(u, "max_tiles")
-    add_argument(u, "max_pixels")
-    add_argument(u, "device")
-    add_argument(u, "dtype")
-    u.add_argument("--cached-prompts-only", action="store_true", help="do not load T5; use cached prompts")
+    add_upscale_options(u)
     u.add_argument("--report", action="store_true", help="print tile count and seam score")
     u.add_argument("--overwrite", action="store_true", help="replace existing output files")
     u.set_defaults(func=cmd_upscale)
+
+    d = sub.add_parser("upscale-dir", help="upscale every image of a folder (in-process, or on Ray with --ray)",
+                       description=UPSCALE_DIR_DESCRIPTION, formatter_class=options.RawDescriptionHelpFormatter)
+    d.add_argument("in_dir", help="folder of input images (searched recursively)")
+    d.add_argument("out_dir", help="output folder (created; the folder layout of IN_DIR is mirrored)")
+    add_upscale_options(d, local_device=False)
+    d.add_argument("--overwrite", action="store_true", help="take over an OUT_DIR made with other parameters "
+                   "and replace files at output paths (finished outputs of these parameters are still kept)")
+    add_argument(d, "ray", nargs="?", const="local", metavar="ADDRESS")
+    add_argument(d, "workers")
+    add_argument(d, "gpus_per_worker")
+    add_argument(d, "cpus_per_worker")
+    d.add_argument("--retry-failed", action="store_true", help="also retry inputs the last run could not read "
+                   "(by default they are retried only once the file changes)")
+    d.add_argument("--dry-run", action="store_true", help="print REL, output, seed and state per image "
+                   "(tab-separated); upscale nothing, write nothing")
+    d.add_argument("-v", "--verbose", action="store_true", help="print a line per finished image")
+    d.set_defaults(func=cmd_upscale_dir)
 
     r = sub.add_parser("run", help="run a workflow JSON (UI or API format) without ComfyUI")
     r.add_argument("workflow", help="workflow .json (e.g. workflows/nsarm_upscale.json)")

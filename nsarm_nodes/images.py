@@ -15,7 +15,7 @@ import stat
 import threading
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -240,14 +240,43 @@ def _to_uint8(image: torch.Tensor):
     return image.detach().float().clamp(0, 1).mul(U8_MAX).to(torch.uint8).cpu().numpy()
 
 
+PARTIAL_SUFFIX = ".part"  # temporary files of write_new_file: .<name>.<token>.part
+_PARTIAL_NAME_CHARS = 100  # of the target's name kept in the temporary name (file names stay short)
+_PARTIAL_TOKEN_CHARS = 12  # random hex digits
+
+
+def partial_files(folder: Path, targets: Iterable[str]) -> list[Path]:
+    """The temporary files that `write_new_file` made in `folder` for the file names `targets` and
+    that are still there (left by a process killed while writing; a live writer's file looks the
+    same, so call this only when no other process writes these targets)."""
+    prefixes = {name[:_PARTIAL_NAME_CHARS] for name in targets}
+    tail = 1 + _PARTIAL_TOKEN_CHARS + len(PARTIAL_SUFFIX)  # ".<token>.part"
+    found = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return found
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(".") and name.endswith(PARTIAL_SUFFIX) and len(name) > tail + 1):
+            continue
+        token = name[-tail + 1:-len(PARTIAL_SUFFIX)]
+        if (name[-tail] == "." and name[1:-tail] in prefixes and all(c in "0123456789abcdef" for c in token)
+                and entry.is_file(follow_symlinks=False)):
+            found.append(Path(entry.path))
+    return found
+
+
 def write_new_file(path: Path, write: Callable[[Any], None], *, overwrite: bool) -> Path:
     """Write a file through `write(fileobj)`: hidden temporary name in the target folder (mode 0666
     minus the umask), fsync, then one atomic move; never replaces `path` unless `overwrite`.
-    On any failure (or interruption) nothing is left behind. FileExistsError if `path` exists."""
+    On any failure (or interruption) nothing is left behind (only a killed process can leave its
+    temporary file: see `partial_files`). FileExistsError if `path` exists."""
     from .files import place_new
 
     path = Path(path)
-    tmp = path.parent / f".{path.name[:100]}.{uuid.uuid4().hex[:12]}.part"
+    token = uuid.uuid4().hex[:_PARTIAL_TOKEN_CHARS]
+    tmp = path.parent / f".{path.name[:_PARTIAL_NAME_CHARS]}.{token}{PARTIAL_SUFFIX}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         with os.fdopen(fd, "wb") as fh:
@@ -269,15 +298,20 @@ def write_new_file(path: Path, write: Callable[[Any], None], *, overwrite: bool)
 
 
 def save_image(image: torch.Tensor, path: str | os.PathLike, *, overwrite: bool = False,
-               pnginfo: Any = None) -> Path:
+               metadata: Mapping[str, str] | None = None) -> Path:
     """IMAGE [H, W, 3] in [0, 1] -> an image file whose format follows the extension, written as
-    `write_new_file` does. `pnginfo` (a PIL PngInfo) is stored in PNG files."""
-    from PIL import Image
+    `write_new_file` does. `metadata`: text chunks (key -> text), written before the image data;
+    PNG only (ValueError for other formats, which would drop them)."""
+    from PIL import Image, PngImagePlugin
 
     path = Path(path)
     fmt = output_format(path)
-    pil = Image.fromarray(_to_uint8(image))
     extra = dict(SAVE_OPTIONS[fmt])
-    if fmt == "PNG" and pnginfo is not None:
-        extra["pnginfo"] = pnginfo
+    if metadata:
+        if fmt != "PNG":
+            raise ValueError(f"{path}: text metadata can only be stored in PNG files, not {fmt}")
+        extra["pnginfo"] = PngImagePlugin.PngInfo()
+        for key, text in metadata.items():
+            extra["pnginfo"].add_text(key, text)
+    pil = Image.fromarray(_to_uint8(image))
     return write_new_file(path, lambda fh: pil.save(fh, format=fmt, **extra), overwrite=overwrite)

@@ -29,6 +29,7 @@ COLOR_FIX_METHODS = ("adain+wavelet", "adain", "wavelet", "none")
 BLEND_MODES = ("cosine", "linear", "none")
 NEXT_SCALE_MODES = ("area", "trilinear")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # auto: the loader decides
 ATTENTION_KERNELS = ("auto", "math")
 WEIGHT_FORMATS = ("dense", "fp8")
 # Output image formats by file extension (Pillow format names).
@@ -150,6 +151,34 @@ def parse_device(text: str) -> str:
     return str(device)
 
 
+def torch_dtype(choice: str):
+    """The torch dtype of a --dtype choice; None for auto (the loader picks). Imports torch."""
+    import torch
+
+    return None if choice == "auto" else getattr(torch, TORCH_DTYPE_NAMES[choice])
+
+
+def parse_ray_address(text: str) -> str:
+    """--ray ADDRESS: `local` (start a Ray instance here), `auto` (the cluster this machine is part
+    of), ray://HOST[:PORT] (Ray Client) or HOST:PORT (a head node's GCS)."""
+    address = text.strip()
+    if address in ("local", "auto"):
+        return address
+    example = "auto, ray://HOST:10001 or HOST:6379"
+    try:
+        parts = urllib.parse.urlsplit(address if "://" in address else "ray://" + address)
+        port = parts.port  # raises ValueError for a non-numeric or out-of-range port
+    except ValueError as exc:
+        raise OptionError(f"{text!r}: {exc} (expected {example})") from None
+    if parts.scheme != "ray" or not parts.hostname or parts.path or parts.query or parts.fragment:
+        raise OptionError(f"{text!r} is not a Ray address (expected {example}; --ray alone starts a local "
+                          "instance)")
+    if "://" not in address and port is None:
+        raise OptionError(f"{text!r} is not a Ray address: a head node needs its port, e.g. {address}:6379 "
+                          f"(expected {example})")
+    return address
+
+
 def parse_server_url(text: str) -> str:
     """A ComfyUI base URL: http(s)://host[:port][/prefix], normalised without a trailing slash."""
     server = text.strip().rstrip("/")
@@ -214,6 +243,17 @@ TABLE: dict[str, Option] = {o.name: o for o in (
     # ComfyUI server (queue)
     Option("server", TEXT, DEFAULT_SERVER, "ComfyUI URL", parse=parse_server_url),
     Option("timeout", FLOAT, 3600.0, "seconds for the whole job, uploads to downloads", 0.001, 30 * 86400.0),
+    # folder jobs (upscale-dir; the Ray options need --ray)
+    Option("ray", TEXT, None, "run on Ray Data: no ADDRESS starts a local Ray instance; auto, "
+           "ray://HOST:10001 or HOST:6379 joins a running cluster (pip install 'nsarm-comfyui[ray]'; write "
+           "--ray=ADDRESS or put it last)",
+           parse=parse_ray_address),
+    Option("workers", INT, None, "Ray: model replicas (default: one per GPU of the cluster, or 1 without GPUs)",
+           1, 4096),
+    Option("gpus_per_worker", FLOAT, None, "Ray: GPUs per replica (default 1; 0.5 puts two replicas on each "
+           "GPU; a replica never spans GPUs)", 0.01, 1.0),
+    Option("cpus_per_worker", FLOAT, None, "Ray: CPUs per replica (default 1 with GPUs, else the cluster's "
+           "CPUs / workers)", 0.01, 4096.0),
     # make-test-models
     Option("model_seed", INT, 0, "seed of the random tiny weights", 0, 2**63 - 1),
 )}
@@ -300,6 +340,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.required or action.default is None or action.default is False or action.default is argparse.SUPPRESS:
             return action.help or ""
         return super()._get_help_string(action)
+
+
+class RawDescriptionHelpFormatter(argparse.RawDescriptionHelpFormatter, _HelpFormatter):
+    """The help formatter of `parser`, printing a (sub-)command's description as written."""
 
 
 class _Parser(argparse.ArgumentParser):

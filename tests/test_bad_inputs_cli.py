@@ -129,6 +129,14 @@ def test_upscale_options_are_checked_first(argv, flag, tmp_path):
     (["queue", "wf.json", "--out", "o", "--server", "http://h:8188/?x=1"], "--server"),
     (["make-test-models", "m", "--seed", "-3"], "--seed"),
     (["run", "wf.json", "-o", "o", "--max-pixels", "-1"], "--max-pixels"),
+    (["upscale-dir", "in", "out", "--models", "m", "--ray", "--workers", "0"], "--workers"),
+    (["upscale-dir", "in", "out", "--models", "m", "--ray", "--gpus-per-worker", "2"], "--gpus-per-worker"),
+    (["upscale-dir", "in", "out", "--models", "m", "--ray", "--gpus-per-worker", "0"], "--gpus-per-worker"),
+    (["upscale-dir", "in", "out", "--models", "m", "--ray", "--cpus-per-worker", "nan"], "--cpus-per-worker"),
+    (["upscale-dir", "in", "out", "--models", "m", "--ray", "4"], "--ray"),  # meant --workers 4
+    (["upscale-dir", "in", "out", "--models", "m", "--ray=ray://"], "--ray"),
+    (["upscale-dir", "in", "out", "--models", "m", "--tau", "nan"], "--tau"),
+    (["upscale-dir", "in", "out", "--models", "m", "--max-pixels", "0"], "--max-pixels"),
 ])
 def test_other_commands_check_their_options(argv, flag, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
