@@ -35,6 +35,7 @@ from .canvas import _axis_cells
 DEFAULT_WINDOW = 128  # latent positions per window side: 1024 px, one NSARM tile
 DEFAULT_HALO = 8  # latent positions of context on each side of a window's blended core
 VAE_PATCH = 8  # output pixels per latent position
+DEFAULT_RAMP = 32  # output pixels of crossfade across each boundary between window cores
 
 # A window's decode as a generator: at each GroupNorm it yields its core's (mean, variance, count)
 # per group (float64 [G], [G], int) and receives the whole image's (mean, variance) per group.
@@ -165,4 +166,39 @@ def decode_tiled(vae, z: torch.Tensor, *, window: int = DEFAULT_WINDOW, halo: in
     tiles = torch.cat(decoded)  # [B * N, 8 side, 8 side, 3]
     if grid.tiles_per_image == 1:
         return tiles
-    return tiling.untile(tiles, grid, "cosine")
+    return blend_windows(tiles, grid, cells)
+
+
+def _axis_weights(starts: tuple[int, ...], side: int, length: int, cuts: list[tuple[int, int]],
+                  ramp: int) -> list[torch.Tensor]:
+    """Per-window 1-D weights in output pixels (float32 [8 side]): 1 on the window's core, 0 beyond,
+    a linear ramp of `ramp` output pixels centred on each cut between two cores. Sum to 1."""
+    total = torch.zeros(VAE_PATCH * length, dtype=torch.float64)
+    weights = []
+    pixel = torch.arange(VAE_PATCH * length, dtype=torch.float64) + 0.5
+    for start, (a, b) in zip(starts, cuts):
+        lo, hi = VAE_PATCH * a, VAE_PATCH * b
+        w = torch.ones_like(pixel)
+        if a > 0:
+            w = w * ((pixel - lo) / ramp + 0.5).clamp(0, 1)
+        if b < length:
+            w = w * ((hi - pixel) / ramp + 0.5).clamp(0, 1)
+        total += w
+        weights.append(w)
+    return [(w / total)[VAE_PATCH * s:VAE_PATCH * (s + side)].float() for w, s in zip(weights, starts)]
+
+
+def blend_windows(tiles: torch.Tensor, grid: tiling.TileGrid, cells, ramp: int = DEFAULT_RAMP) -> torch.Tensor:
+    """Decoded windows [B * N, 8 side, 8 side, 3] -> images [B, 8 H, 8 W, 3]: each window's core,
+    with a `ramp`-pixel linear crossfade centred on every boundary between cores."""
+    side = grid.tile_size
+    rows = _axis_weights(grid.row_starts, side, grid.height, _axis_cells(grid.row_starts, side), ramp)
+    cols = _axis_weights(grid.col_starts, side, grid.width, _axis_cells(grid.col_starts, side), ramp)
+    n = grid.tiles_per_image
+    out = torch.zeros(grid.batch, VAE_PATCH * grid.height, VAE_PATCH * grid.width, 3, dtype=tiles.dtype,
+                      device=tiles.device)
+    s8 = VAE_PATCH * side
+    for k, (y, x) in enumerate(grid.positions):
+        weight = (rows[grid.row_starts.index(y)][:, None] * cols[grid.col_starts.index(x)][None, :]).to(tiles.device)
+        out[:, VAE_PATCH * y:VAE_PATCH * y + s8, VAE_PATCH * x:VAE_PATCH * x + s8] += tiles[k::n] * weight[..., None]
+    return out
