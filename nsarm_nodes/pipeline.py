@@ -26,7 +26,7 @@ from . import tiling as tilegrid
 from .canvas import TILING_MODES, LatentCanvas, phase_tiles, plan_grid
 from .config import DEFAULT_PROMPT, LR_SIZE, SCALE_FACTOR
 from .preview import LatentPreview
-from .sampler import sample
+from .sampler import sample, transformation_bits
 from .schedule import scale_schedule
 from .tiled_decode import decode_tiled
 from .text import PromptCache, PromptEmbeds, T5TextEncoder, encode_prompts
@@ -238,10 +238,15 @@ class NSARMPipeline:
         batches = [phase[i:i + batch_size] for phase in canvas.phases() for i in range(0, len(phase), batch_size)]
         steps = steps or _Steps(len(batches) * N_SCALES + grid.batch, progress)
         n = grid.tiles_per_image
+        # The transformation network's scales of every tile, `batch_size` tiles at a time in raster order
+        # (as NSARM Encode LR takes the whole tile batch); then the phases.
+        replaced = [torch.cat(parts) for parts in zip(*(
+            transformation_bits(self.transformer, self.encode_lr(tiles[i:i + batch_size]))
+            for i in range(0, tiles.shape[0], batch_size)))]
         for idx in batches:
-            feats = self.encode_lr(tiles[idx])
             image = idx[0] // n
-            sample(self.transformer, self.vae, text.select(idx), feats, seed=[seeds[i] for i in idx],
+            sample(self.transformer, self.vae, text.select(idx), seed=[seeds[i] for i in idx],
+                   replaced_bits=[b[idx] for b in replaced],
                    progress=self._step(steps, preview, lambda: canvas.latest[image]),
                    latent_hook=canvas.hook(idx), **sampling)
         latent = canvas.latent().clone()  # [B, d, H/2, W/2]; the other scales' canvases are dropped
@@ -322,6 +327,38 @@ class NSARMPipeline:
         return resize_output(out, round(H * output_scale), round(W * output_scale))
 
 
+def check_model_pair(checkpoint, vae) -> None:
+    """Before the big file is read: `checkpoint` holds a transformer, `vae` a BSQ-VAE, and they work
+    on the same latent (shapes from the headers only; paths or state dicts). Raises CheckpointError
+    naming the files and the fix."""
+    from .loading import CheckpointError, describe, read_checkpoint, shape_of, unwrap
+    from .transformer import CHECKPOINT_WRAPPERS as TRANSFORMER_WRAPPERS
+    from .vae import CHECKPOINT_WRAPPERS as VAE_WRAPPERS
+    from .vae import REQUIRED_KEYS, TRANSFORMER_HINT_KEYS, _lookup
+
+    names = describe(checkpoint), describe(vae)
+    model_sd = unwrap(read_checkpoint(checkpoint), TRANSFORMER_WRAPPERS, names[0])
+    vae_sd = unwrap(read_checkpoint(vae), VAE_WRAPPERS, names[1])
+    is_vae = [all(_lookup(sd, k) is not None for k in REQUIRED_KEYS) for sd in (model_sd, vae_sd)]
+    is_model = [any(k in sd for k in TRANSFORMER_HINT_KEYS) for sd in (model_sd, vae_sd)]
+    if is_vae[0] and is_model[1]:
+        raise CheckpointError(f"checkpoint and vae are swapped: {names[0]} is the VAE and {names[1]} the "
+                              f"transformer; pick them the other way round")
+    if is_vae[0]:
+        raise CheckpointError(f"{names[0]} is a VAE, not the NSARM transformer: choose NSARM.pth (or a converted "
+                              f"NSARM .safetensors) as checkpoint")
+    if is_model[1]:
+        raise CheckpointError(f"{names[1]} is a transformer checkpoint, not the VAE: choose "
+                              f"infinity_vae_d56_f8_14_patchify.pth as vae")
+    if "word_embed.weight" in model_sd and is_vae[1]:
+        bits = shape_of(model_sd, "word_embed.weight")[1]  # [C, d_vae]: bits per token
+        channels = tuple(_lookup(vae_sd, REQUIRED_KEYS[1]).shape)[0]  # encoder.conv_out [d, C, 3, 3]
+        if bits not in (channels, 4 * channels):
+            raise CheckpointError(
+                f"wrong model pair: {names[0]} works on {bits}-bit tokens but {names[1]} has {channels} latent "
+                f"channels; NSARM / Infinity-8B need infinity_vae_d56_f8_14_patchify.pth (14 channels, 56 bits)")
+
+
 def load_pipeline(models_dir: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
                   text_encoder: bool = True) -> NSARMPipeline:
     """Find and load NSARM.pth (or safetensors), the d56 VAE and Flan-T5-XL under `models_dir`.
@@ -341,6 +378,7 @@ def load_pipeline(models_dir: str | os.PathLike, device=None, dtype: torch.dtype
     if missing:
         raise MissingModelsError(missing_models_message(root, missing))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_model_pair(found["transformer"], found["vae"])
     transformer = load_transformer(found["transformer"], device=device, dtype=dtype)
     vae = load_vae(found["vae"], device=device)
     encoder = T5TextEncoder(found["text encoder"], device=device) if text_encoder else None

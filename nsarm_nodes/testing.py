@@ -3,6 +3,9 @@
 `python -m nsarm_nodes make-test-models DIR` writes
     DIR/nsarm/NSARM.safetensors                               tiny transformer + map network
     DIR/nsarm/infinity_vae_d56_f8_14_patchify.safetensors     tiny BSQ-VAE (14 channels, f8)
+    DIR/nsarm/NSARM.pth, DIR/nsarm/infinity_vae_d56_f8_14_patchify.pth
+                                                              the same tensors under the released file
+                                                              names, which the shipped workflows use
     DIR/text_encoders/flan-t5-xl/                             tiny random T5 + tokenizer
 with the released key names and structure at tiny widths (the `tiny` preset). The weights are
 random (seeded), so the images are noise: these models check plumbing, not quality.
@@ -83,10 +86,17 @@ def make_tiny_models(models_dir: str | os.PathLike, seed: int = 0) -> dict[str, 
     _randomize(transformer, gen)
     vae = BSQVAE(preset.vae)
     _randomize(vae, gen)
+    released = PRESETS["nsarm-8b"]
+    paths["transformer (released name)"] = root / "nsarm" / released.transformer_file
+    paths["vae (released name)"] = root / "nsarm" / released.vae_file
     for key, module in (("transformer", transformer), ("vae", vae)):
         sd = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
         tmp = paths[key].with_suffix(".tmp")
         save_file(sd, str(tmp))
         os.replace(tmp, paths[key])
+        pth = paths[f"{key} (released name)"]
+        tmp = pth.with_suffix(".tmp")
+        torch.save(sd, tmp)
+        os.replace(tmp, pth)
     build_tiny_t5(paths["text encoder"], d_model=preset.transformer.text_channels, seed=seed)
     return paths

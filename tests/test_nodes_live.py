@@ -54,7 +54,7 @@ def live(comfy_server, request):  # noqa: F811
     """The headless runner's outputs, and the same tiny models installed in the server's folders."""
     e2e = e2e_outputs()
     request.config.add_cleanup(lambda: shutil.rmtree(e2e["root"], ignore_errors=True))
-    for path in (e2e["models"] / "nsarm").glob("*.safetensors"):
+    for path in (e2e["models"] / "nsarm").iterdir():
         shutil.copy2(path, comfy_server.models_dir / path.name)
     shutil.copytree(e2e["models"] / "text_encoders" / "flan-t5-xl",
                     comfy_server.text_encoders_dir / "flan-t5-xl", dirs_exist_ok=True)
@@ -91,8 +91,13 @@ def test_object_info_declares_every_node(comfy_server):  # noqa: F811
 
 def test_loader_lists_the_installed_models(comfy_server, live):  # noqa: F811
     info = comfy_server.get_json("/object_info/NSARMModelLoader")["NSARMModelLoader"]["input"]["required"]
-    assert {"NSARM.safetensors", "infinity_vae_d56_f8_14_patchify.safetensors"} <= set(info["checkpoint"][0])
+    assert {"NSARM.safetensors", "infinity_vae_d56_f8_14_patchify.safetensors", "NSARM.pth",
+            "infinity_vae_d56_f8_14_patchify.pth"} <= set(info["checkpoint"][0])
     assert "flan-t5-xl" in info["text_encoder"][0]
+    # fresh defaults: the NSARM file, the file that looks like a VAE, the Flan-T5 folder
+    assert info["checkpoint"][1]["default"] == "NSARM.pth"
+    assert info["vae"][1]["default"] == "infinity_vae_d56_f8_14_patchify.pth"
+    assert info["text_encoder"][1]["default"] == "flan-t5-xl"
 
 
 def test_shipped_workflows_are_the_packs_templates(comfy_server):  # noqa: F811
