@@ -58,7 +58,8 @@ def save_image(image, path: Path, overwrite: bool) -> None:
 
 
 class ScaleProgress:
-    """A one-line progress bar on stderr, updated once per generated scale."""
+    """A one-line progress bar on stderr: one step per scale of each tile batch, per decode and for the
+    colour fix."""
 
     def __init__(self, label: str, stream=sys.stderr):
         self.label, self.stream, self.start = label, stream, time.perf_counter()
@@ -67,7 +68,7 @@ class ScaleProgress:
         width = 30
         filled = int(width * done / total)
         elapsed = time.perf_counter() - self.start
-        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} scales "
+        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} steps "
                           f"{elapsed:6.1f}s")
         if done == total:
             self.stream.write("\n")
@@ -102,6 +103,7 @@ def cmd_upscale(args) -> int:
     import torch
 
     from . import tiling
+    from .canvas import plan_grid
     from .pipeline import load_pipeline
 
     inputs = [Path(p) for p in args.inputs]
@@ -120,13 +122,13 @@ def cmd_upscale(args) -> int:
             next_scale_mode=args.next_scale_mode, negative_prompt=args.negative_prompt,
             color_fix=args.color_fix, tile_overlap=args.overlap, tile_batch_size=args.tile_batch_size,
             blend=args.blend, output_scale=args.output_scale, max_tiles=args.max_tiles,
-            progress=ScaleProgress(src.name),
+            progress=ScaleProgress(src.name), tiling=args.tiling,
         )
         save_image(result[0], out, args.overwrite)
         seconds = time.perf_counter() - t0
         print(f"{src} ({w}x{h}) -> {out} ({result.shape[2]}x{result.shape[1]}) in {seconds:.1f}s")
         if args.report:
-            grid = tiling.plan(h, w, 256, args.overlap)
+            grid = plan_grid(h, w, 256, args.overlap, mode=args.tiling)
             score = tiling.seam_score(result[0], grid, args.output_scale) if grid.tiles_per_image > 1 else 1.0
             print(f"  tiles {grid.tiles_per_image} ({grid.rows}x{grid.cols}), seam score {score:.3f} "
                   f"(1.0 = seams as smooth as the interior)")
@@ -265,7 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--next-scale-mode", choices=("area", "trilinear"), default="area")
     u.add_argument("--color-fix", choices=("adain+wavelet", "adain", "wavelet", "none"), default="adain+wavelet")
     u.add_argument("--overlap", type=int, default=32, help="tile overlap in LR pixels")
-    u.add_argument("--blend", choices=("cosine", "linear", "none"), default="cosine")
+    u.add_argument("--blend", choices=("cosine", "linear", "none"), default="cosine",
+                   help="overlap blending of --tiling independent")
+    u.add_argument("--tiling", choices=("shared", "independent"), default="shared",
+                   help="shared: the tiles share one latent canvas and the image is decoded as one (default); "
+                        "independent: every tile on its own, blended in pixel space")
     u.add_argument("--tile-batch-size", type=int, default=1)
     u.add_argument("--output-scale", type=float, default=4.0, help="final scale (the model makes 4x; "
                    "other values resample its result)")

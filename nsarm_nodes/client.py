@@ -585,6 +585,32 @@ def queue_workflow(server: str, api_prompt: Mapping[str, Any], inputs: Mapping[s
                 pass
 
 
+PREVIEW_IMAGE = 1  # ComfyUI's binary websocket event types (protocol.py)
+PREVIEW_IMAGE_WITH_METADATA = 4
+PREVIEW_FORMATS = {1: "jpeg", 2: "png"}
+
+
+def _preview_event(payload: bytes) -> dict | None:
+    """A binary websocket frame -> {"type": "preview", "format", "bytes"} for preview images, else None.
+    Frame: 4-byte big-endian event type; PREVIEW_IMAGE: 4-byte image type + image bytes;
+    PREVIEW_IMAGE_WITH_METADATA: 4-byte JSON length + JSON + image bytes."""
+    if len(payload) < 8:
+        return None
+    event = int.from_bytes(payload[:4], "big")
+    if event == PREVIEW_IMAGE:
+        return {"type": "preview", "format": PREVIEW_FORMATS.get(int.from_bytes(payload[4:8], "big"), "unknown"),
+                "bytes": len(payload) - 8}
+    if event == PREVIEW_IMAGE_WITH_METADATA:
+        size = int.from_bytes(payload[4:8], "big")
+        try:
+            meta = json.loads(payload[8:8 + size])
+        except ValueError:
+            meta = {}
+        fmt = str(meta.get("image_type", "")).split("/")[-1] or "unknown"
+        return {"type": "preview", "format": fmt, "bytes": len(payload) - 8 - size, "node": meta.get("node_id")}
+    return None
+
+
 def _wait(base: str, prompt: Mapping[str, Any], prompt_id: str, ws: _WebSocket | None,
           left: Callable[[], float], emit: ProgressCallback) -> dict:
     """Follow ``prompt_id`` until it finished; returns its /history entry."""
@@ -603,6 +629,10 @@ def _wait(base: str, prompt: Mapping[str, Any], prompt_id: str, ws: _WebSocket |
             quiet_since = time.monotonic()
             while True:
                 msg = ws.recv(min(left(), 1.0))
+                if msg is not None and msg[0] == 2:
+                    preview = _preview_event(msg[1])
+                    if preview is not None:
+                        emit(preview)
                 if msg is None or msg[0] != 1:
                     # Nothing (or only a binary preview) for a while: make sure we did not miss the end.
                     if time.monotonic() - quiet_since > 5:

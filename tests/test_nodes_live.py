@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -43,6 +44,14 @@ COMBOS = {("NSARMModelLoader", "dtype"): ["auto", "bf16", "fp16", "fp32"],
           ("NSARMBitwiseDecode", "mode"): ["area", "trilinear"],
           ("NSARMColorFix", "method"): ["adain+wavelet", "adain", "wavelet", "none"],
           ("NSARMUntile", "blend"): ["cosine", "linear", "none"]}
+
+
+# Per workflow: preview images expected (one per scale of each tile batch: 13 for one tile; the
+# 288x200 image is 2 tiles in 2 phases), and per node the number of progress steps.
+PREVIEWS = {"nsarm_composable": 13, "nsarm_upscale": 26, "nsarm_tiled_upscale": 26}
+PROGRESS = {"nsarm_composable": {"NSARMBitwiseDecode": 13, "NSARMDecode": 1},
+            "nsarm_upscale": {"NSARMUpscale": 2 * 13 + 1 + 1},  # 2 batches of 13 scales, decode, colour fix
+            "nsarm_tiled_upscale": {"NSARMBitwiseDecode": 26, "NSARMDecode": 1}}
 
 
 def _kind(entry) -> str:
@@ -115,6 +124,9 @@ def test_shipped_workflows_are_the_packs_templates(comfy_server):  # noqa: F811
     for name in NAMES:
         served = comfy_server.get_json(f"/api/workflow_templates/{PACK_NAME}/{name}.json")
         assert served == json.loads((WORKFLOWS / f"{name}.json").read_text()), name
+        # the thumbnail the templates browser shows (frontend 1.27: <name>.jpg beside the workflow)
+        with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/{PACK_NAME}/{name}.jpg") as resp:
+            assert resp.read() == (WORKFLOWS / f"{name}.jpg").read_bytes(), name
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -125,8 +137,19 @@ def test_live_workflow_equals_headless_runner(comfy_server, live, name, tmp_path
     prompt = json.loads((API_DIR / f"{name}_api.json").read_text())
     prompt = runner.apply_overrides(prompt, TINY_SETS + EXTRA_SETS.get(name, []))
     image, (width, height) = CASES[name]
-    paths = queue_workflow(comfy_server.url, prompt, {"": live["images"][image]}, out_dir=tmp_path, timeout=900)
+    events: list[dict] = []
+    paths = queue_workflow(comfy_server.url, prompt, {"": live["images"][image]}, out_dir=tmp_path, timeout=900,
+                           on_progress=events.append)
     assert len(paths) == 1, paths
+    # A preview image per scale on the progress bar, and the bar runs on through the decode: the last
+    # progress event of the sampling node (NSARMUpscale) or of NSARMDecode reaches its maximum.
+    previews = [e for e in events if e["type"] == "preview"]
+    assert len(previews) == PREVIEWS[name] and all(p["format"] == "jpeg" and p["bytes"] > 0 for p in previews), \
+        (name, len(previews))
+    progress = [e for e in events if e["type"] == "progress"]
+    for node_type, steps in PROGRESS[name].items():
+        mine = [(e["value"], e["max"]) for e in progress if e["class_type"] == node_type]
+        assert mine and mine[-1] == (steps, steps), (name, node_type, mine)
     got = png_pixels(paths[0])
     assert got.shape == (height, width, 3)
     assert got.std() > 1.0

@@ -141,7 +141,7 @@ def test_cli_upscale_end_to_end(models_dir, tmp_path):
     r = cli("upscale", src, "-o", out, "--models", models_dir, "--seed", 2, "--report")
     assert r.returncode == 0, r.stderr
     assert Image.open(out).size == (1024, 1024)
-    assert "13/13 scales" in r.stderr and "seam score" in r.stdout
+    assert "15/15 steps" in r.stderr and "seam score" in r.stdout  # 13 scales, the decode, the colour fix
     before = out.read_bytes()
     r = cli("upscale", src, "-o", out, "--models", models_dir)
     assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
