@@ -43,3 +43,22 @@ def test_saved_layout_has_no_overlapping_nodes(name):
     for i, (ta, xa, ya, wa, ha) in enumerate(rects):
         for tb, xb, yb, wb, hb in rects[i + 1:]:
             assert not (xa < xb + wb and xb < xa + wa and ya < yb + hb and yb < ya + ha), (name, ta, tb)
+
+
+def test_fresh_loader_defaults_pick_the_nsarm_files(tmp_path, monkeypatch):
+    """Outside ComfyUI too: checkpoint = the NSARM file, vae = the file that looks like a VAE (not the
+    alphabetically first file), text encoder = the Flan-T5 folder, else 'cached prompts only'."""
+    from nsarm_nodes import runner
+
+    monkeypatch.setenv("NSARM_MODELS_DIR", str(tmp_path))
+    (tmp_path / "nsarm").mkdir()
+    for name in ("NSARM.pth", "infinity_vae_d56_f8_14_patchify.pth", "Another.safetensors"):
+        (tmp_path / "nsarm" / name).write_bytes(b"")
+    loader = runner.load_node_classes()["NSARMModelLoader"]
+    spec = loader.INPUT_TYPES()["required"]
+    assert spec["checkpoint"][1]["default"] == "NSARM.pth"
+    assert spec["vae"][1]["default"] == "infinity_vae_d56_f8_14_patchify.pth"
+    assert spec["text_encoder"][1]["default"] == "cached prompts only"
+    (tmp_path / "text_encoders" / "flan-t5-xl").mkdir(parents=True)
+    (tmp_path / "text_encoders" / "flan-t5-xl" / "config.json").write_text("{}")
+    assert loader.INPUT_TYPES()["required"]["text_encoder"][1]["default"] == "flan-t5-xl"
