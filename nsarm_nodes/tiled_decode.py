@@ -16,11 +16,11 @@ normalises with those. What remains is the zero padding at a window's inner edge
 band of the decoder's receptive field that the overlap blend covers.
 
 Memory: the decoder runs on one window at a time; between GroupNorms each window's state (the
-activation and the block's skip input) is parked on `park_device` (the output device, CPU by
-default, when decoding on a GPU), so device memory is one window's decode whatever the image
-size. Host memory holds the parked states of one image: at the finest level 2 x 128 channels per
-output pixel, ~0.5 KB per output pixel in bf16 (8.6 GB for a 4096 x 4096 output). A latent no
-larger than one window is decoded whole by `vae.decode`, exactly.
+activation and the block's skip input: at the finest level 2 x 128 channels per output pixel,
+~0.5 KB per output pixel in bf16, 2.1 GB for a 2 x 2-tile image, 8.6 GB for 4096 x 4096) waits on
+the decode device when all windows' states fit in half of its free memory, else it is parked on
+the output device (host memory), so device memory is one window's decode whatever the image size.
+A latent no larger than one window is decoded whole by `vae.decode`, exactly.
 """
 from __future__ import annotations
 
@@ -53,6 +53,20 @@ def plan_windows(height: int, width: int, window: int = DEFAULT_WINDOW, halo: in
     return tiling.plan(height, width, side, overlap, batch=batch)
 
 
+def _auto_park_device(vae, grid: tiling.TileGrid, device: torch.device, output_device) -> torch.device:
+    """Keep the waiting windows' states on the decode device when they fit in half of its free memory
+    (no transfers), else park them on `output_device`. The states peak at the finest level: the
+    activation and the block's skip input, base_ch channels at 8x the window side, per window."""
+    if device.type != "cuda":
+        return device
+    weight = vae.decoder.conv_out.conv.weight  # [3, base_ch, 3, 3]
+    side = VAE_PATCH * grid.tile_size
+    need = grid.tiles_per_image * 2 * weight.shape[1] * side * side * weight.element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return device if need < free / 2 else torch.device(output_device)
+
+
 class _Window:
     """One window's place: its latent slice, its core (relative to the window) and where to park."""
 
@@ -72,10 +86,14 @@ class _Window:
         groups = gn.num_groups
         scale = x.shape[-1] // self.side  # activation pixels per latent position at this level
         y0, y1, x0, x1 = (v * scale for v in self.core)
-        core = self.load(x[:, :, y0:y1, x0:x1]).reshape(groups, -1)  # batch 1: [G, C/G * h * w]
-        var, mean = torch.var_mean(core.float(), dim=1, correction=0)
-        count = core.shape[1]
+        core = self.load(x[:, :, y0:y1, x0:x1]).float()  # [1, C, h, w] (a view when not parked)
+        # Per-channel sum and sum of squares (one fast pass each), then per group in float64.
+        total = core.sum(dim=(0, 2, 3)).double().unflatten(0, (groups, -1)).sum(1)  # [G]
+        square = torch.linalg.vector_norm(core, dim=(0, 2, 3)).double().square().unflatten(0, (groups, -1)).sum(1)
+        count = core[0, :x.shape[1] // groups].numel()
         del core  # nothing but parked tensors stays referenced while the window waits
+        mean = total / count
+        var = (square / count - mean.square()).clamp_min(0)
         mean, var = yield (mean.double(), var.double(), count)
         x = self.load(x)
         per_channel = x.shape[1] // groups
@@ -137,8 +155,8 @@ def decode_tiled(vae, z: torch.Tensor, *, window: int = DEFAULT_WINDOW, halo: in
                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Latent [B, d, H, W] -> IMAGE [B, 8H, 8W, 3] in [0, 1] on `output_device`.
 
-    park_device: where window states wait between GroupNorms (default: `output_device` when
-    decoding on a GPU, else the decode device). progress(done, total) is called after each image.
+    park_device: where window states wait between GroupNorms (default: on the decode device when
+    they fit, see `_auto_park_device`). progress(done, total) is called after each image.
     """
     if z.ndim != 4:
         raise ValueError(f"latent must be [B, d, H, W], got {tuple(z.shape)}")
@@ -147,7 +165,7 @@ def decode_tiled(vae, z: torch.Tensor, *, window: int = DEFAULT_WINDOW, halo: in
     device = next(vae.parameters()).device
     dtype = vae.decoder.conv_in.conv.weight.dtype
     if park_device is None:
-        park_device = output_device if device.type != "cpu" else device
+        park_device = _auto_park_device(vae, grid, device, output_device)
     side = grid.tile_size
     cells = [(r0, r1, c0, c1) for r0, r1 in _axis_cells(grid.row_starts, side)
              for c0, c1 in _axis_cells(grid.col_starts, side)]

@@ -70,8 +70,10 @@ def run(pipe, image, mode: str, seed: int, batch: int, device) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     clock = Clock()
+    cpu = time.process_time()
     out = pipe(image, seed=seed, tiling=mode, tile_batch_size=batch, progress=clock)
     wall = time.perf_counter() - clock.start
+    cpu = time.process_time() - cpu
     grid = plan_grid(image.shape[1], image.shape[2], 256, 32, mode=mode)
     batches = (len(clock.times) - 1 - (grid.batch if mode == "shared" else 0)) // (
         N_SCALES if mode == "shared" else N_SCALES + 1)
@@ -86,8 +88,8 @@ def run(pipe, image, mode: str, seed: int, batch: int, device) -> dict:
         decode = sum(per_batch)
         sampling = t[-2] - decode
     return {
-        "out": out, "grid": grid, "wall": wall, "sampling": sampling, "decode": decode, "colour fix": t[-1] - t[-2],
-        "step": sampling / sampling_steps,
+        "out": out, "grid": grid, "wall": wall, "cpu": cpu, "sampling": sampling, "decode": decode, "colour fix": t[-1] - t[-2],
+        "step": sampling / sampling_steps * cpu / wall,  # process CPU seconds per scale step
         "cuda peak GB": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
         "seam": tiling.seam_score(out[0], grid, 4) if grid.tiles_per_image > 1 else 1.0,
     }
@@ -116,30 +118,32 @@ def main(argv=None) -> int:
             for mode in MODES:
                 r = run(pipe, image, mode, args.seed, args.tile_batch_size, device)
                 rows.append((name, mode, r))
-                print(f"{name} {args.size}px {mode:11s}: wall {r['wall']:6.1f}s  sampling {r['sampling']:6.1f}s  "
+                print(f"{name} {args.size}px {mode:11s}: process CPU {r['cpu']:6.1f}s  wall {r['wall']:6.1f}s  sampling {r['sampling']:6.1f}s  "
                       f"decode {r['decode']:6.1f}s  colour fix {r['colour fix']:5.2f}s"
                       + (f"  cuda peak {r['cuda peak GB']:.2f} GB" if r["cuda peak GB"] else "")
                       + f"  seam score {r['seam']:.3f}", flush=True)
         for mode in MODES:
             mine = [r for _, m, r in rows if m == mode]
-            print(f"mean {mode:11s}: wall {statistics.mean(r['wall'] for r in mine):.1f}s, sampling "
+            print(f"mean {mode:11s}: process CPU {statistics.mean(r['cpu'] for r in mine):.1f}s, wall "
+                  f"{statistics.mean(r['wall'] for r in mine):.1f}s, sampling "
                   f"{statistics.mean(r['sampling'] for r in mine):.1f}s, decode {statistics.mean(r['decode'] for r in mine):.1f}s, "
                   f"seam score {statistics.mean(r['seam'] for r in mine):.3f}")
         for mode in MODES:
             peak = tensor_peak(pipe, images[0][1], mode, args.seed, args.tile_batch_size)
             print(f"tensor-memory peak, {mode}, {images[0][0]}: {peak / 1e9:.3f} GB")
-        ratio = statistics.mean(r["wall"] for _, m, r in rows if m == "shared") / statistics.mean(
-            r["wall"] for _, m, r in rows if m == "independent")
-        print(f"shared / independent wall time: {ratio:.2f}x")
+        for key in ("cpu", "wall"):
+            ratio = statistics.mean(r[key] for _, m, r in rows if m == "shared") / statistics.mean(
+                r[key] for _, m, r in rows if m == "independent")
+            print(f"shared / independent {'process CPU' if key == 'cpu' else 'wall'} time: {ratio:.2f}x")
         # Preview: render the latent of a whole image once per scale step.
         grid = rows[-1][2]["grid"]
         latent = torch.randn(pipe.vae.quantizer.codebook_dim, grid.padded_height // 2, grid.padded_width // 2,
                              device=device)
         pipe.preview_map.render(latent)
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for _ in range(PREVIEW_REPEATS):
             Image.fromarray(pipe.preview_map.render(latent).numpy())
-        cost = (time.perf_counter() - t0) / PREVIEW_REPEATS
+        cost = (time.process_time() - t0) / PREVIEW_REPEATS
         step = statistics.mean(r["step"] for _, m, r in rows if m == "shared")
         print(f"preview ({latent.shape[1]}x{latent.shape[2]} latent -> PIL image): {cost * 1e3:.2f} ms = "
               f"{100 * cost / step:.2f}% of the mean scale step ({step * 1e3:.0f} ms); fit once: r2 "
