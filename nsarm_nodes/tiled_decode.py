@@ -86,10 +86,11 @@ class _Window:
         groups = gn.num_groups
         scale = x.shape[-1] // self.side  # activation pixels per latent position at this level
         y0, y1, x0, x1 = (v * scale for v in self.core)
-        core = self.load(x[:, :, y0:y1, x0:x1]).float()  # [1, C, h, w] (a view when not parked)
-        # Per-channel sum and sum of squares (one fast pass each), then per group in float64.
-        total = core.sum(dim=(0, 2, 3)).double().unflatten(0, (groups, -1)).sum(1)  # [G]
-        square = torch.linalg.vector_norm(core, dim=(0, 2, 3)).double().square().unflatten(0, (groups, -1)).sum(1)
+        core = self.load(x[:, :, y0:y1, x0:x1])  # [1, C, h, w] (a view when not parked)
+        # Per-channel sum and sum of squares (one pass each, accumulated in float32), then per group in float64.
+        total = core.sum(dim=(0, 2, 3), dtype=torch.float32).double().unflatten(0, (groups, -1)).sum(1)  # [G]
+        square = torch.linalg.vector_norm(core, dim=(0, 2, 3), dtype=torch.float32).double().square()
+        square = square.unflatten(0, (groups, -1)).sum(1)
         count = core[0, :x.shape[1] // groups].numel()
         del core  # nothing but parked tensors stays referenced while the window waits
         mean = total / count
