@@ -179,7 +179,7 @@ class LatentCanvas:
     def hook(self, tiles: Sequence[int]) -> LatentHook:
         """The sampler's `latent_hook` for a batch of tiles (item i of the batch = tile tiles[i]).
 
-        Refuses tiles whose earlier-phase neighbours have not run yet, and tiles run twice.
+        Refuses a tile while tiles of an earlier phase (of its image) have not run, and tiles run twice.
         """
         n, lay = self.tiles_per_image, self.layout
         tiles = list(tiles)
