@@ -9,7 +9,9 @@ Custom types (immutable once returned; ComfyUI caches and shares outputs):
   NSARM_MODEL   NSARMModel: transformer + VAE (+ lazy T5 and the prompt cache)
   NSARM_COND    text.PromptEmbeds: packed prompt features
   NSARM_SCALES  LRScales: the transformation network's bits of the 7 replaced scales + the LR images
-  NSARM_LATENT  NSARMLatent: summed codes [B, 14, 128, 128] (the decoder input)
+                (+ the tile grid when the tiles share one latent canvas)
+  NSARM_LATENT  NSARMLatent: summed codes [B, 14, 128, 128] per tile, or one canvas latent per image
+                [B, 14, H/2, W/2] (padded LR size H x W) with its tile grid
   NSARM_TILES   tiling.TileGrid: where each tile came from
 """
 from __future__ import annotations
@@ -26,22 +28,26 @@ from torch import nn
 
 try:  # loaded by ComfyUI as a package
     from .nsarm_nodes import colorfix, options, tiling
+    from .nsarm_nodes.canvas import CanvasLayout, LatentCanvas, phase_tiles
     from .nsarm_nodes.images import check_image
     from .nsarm_nodes.lowvram import estimate_for
     from .nsarm_nodes.config import DEFAULT_PROMPT
-    from .nsarm_nodes.pipeline import NSARMPipeline
+    from .nsarm_nodes.pipeline import N_SCALES, NSARMPipeline, check_model_pair
     from .nsarm_nodes.sampler import sample, transformation_bits
     from .nsarm_nodes.text import PromptCache, PromptEmbeds, T5TextEncoder
+    from .nsarm_nodes.tiled_decode import decode_tiled
     from .nsarm_nodes.transformer import load_transformer
     from .nsarm_nodes.vae import load_vae
 except ImportError:  # loaded by path (headless runner, tests)
     from nsarm_nodes import colorfix, options, tiling
+    from nsarm_nodes.canvas import CanvasLayout, LatentCanvas, phase_tiles
     from nsarm_nodes.images import check_image
     from nsarm_nodes.lowvram import estimate_for
     from nsarm_nodes.config import DEFAULT_PROMPT
-    from nsarm_nodes.pipeline import NSARMPipeline
+    from nsarm_nodes.pipeline import N_SCALES, NSARMPipeline, check_model_pair
     from nsarm_nodes.sampler import sample, transformation_bits
     from nsarm_nodes.text import PromptCache, PromptEmbeds, T5TextEncoder
+    from nsarm_nodes.tiled_decode import decode_tiled
     from nsarm_nodes.transformer import load_transformer
     from nsarm_nodes.vae import load_vae
 
@@ -50,6 +56,7 @@ try:
     import comfy.model_patcher
     import comfy.utils
     import folder_paths
+    from comfy.cli_args import args as comfy_args
 except ImportError:
     mm = None
 
@@ -61,6 +68,9 @@ CACHED_PROMPTS_ONLY = "cached prompts only"
 widget = options.widget  # every number / choice widget comes from the option table (nsarm_nodes/options.py)
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".sft")  # as ComfyUI's model lists
 LR_SIDE = 256
+SCALE = 4
+PREVIEW_FORMAT = "JPEG"
+DEFAULT_PREVIEW_SIZE = 512  # ComfyUI's --preview-size default
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,6 +121,34 @@ def _text_encoder_folders() -> list[str]:
         if base.is_dir():
             names |= {p.name for p in base.iterdir() if (p / "config.json").is_file()}
     return sorted(names)
+
+
+def _looks_like_vae(name: str) -> bool:
+    return "vae" in Path(name).name.lower()
+
+
+def _default_checkpoint(files: list[str]) -> str | None:
+    """The loader's fresh default: an NSARM file that is not a VAE, else any file that is not a VAE."""
+    models = [f for f in files if not _looks_like_vae(f)]
+    return next((f for f in models if "nsarm" in f.lower()), models[0] if models else None)
+
+
+def _default_vae(files: list[str]) -> str | None:
+    """The file that looks like a VAE (the d56 one first), not the alphabetically first file."""
+    vaes = [f for f in files if _looks_like_vae(f)]
+    return next((f for f in vaes if "d56" in f.lower()), vaes[0] if vaes else None)
+
+
+def _default_text_encoder(folders: list[str]) -> str:
+    """The Flan-T5 folder when one is installed, else cached prompts only."""
+    return next((f for f in folders if "flan" in f.lower() or "t5" in f.lower()), CACHED_PROMPTS_ONLY)
+
+
+def _combo(choices: list[str], default: str | None, tooltip: str) -> tuple:
+    options = {"tooltip": tooltip}
+    if default is not None:
+        options["default"] = default
+    return (choices, options)
 
 
 def _resolve(folder: str, name: str) -> Path:
@@ -193,25 +231,45 @@ class NSARMModel:
 class LRScales:
     bits: tuple[torch.Tensor, ...]  # per replaced scale uint8 [B, d, s, s] (CPU)
     images: torch.Tensor  # the LR images [B, 256, 256, 3] (CPU), the colour reference
+    grid: tiling.TileGrid | None = None  # set: the items are the tiles of this grid, sharing a canvas
 
 
 @dataclass(frozen=True)
 class NSARMLatent:
-    summed_codes: torch.Tensor  # [B, d, 128, 128] float32 (CPU)
+    summed_codes: torch.Tensor  # [B, d, 128, 128] per tile, or [images, d, H/2, W/2] canvases (CPU)
+    grid: tiling.TileGrid | None = None  # set: summed_codes are the canvases of this grid's images
+
+
+def _previews_enabled() -> bool:
+    """As KSampler: previews unless ComfyUI runs with --preview-method none (the default before
+    late 2025 ComfyUIs, which made "auto" the default)."""
+    return mm is not None and getattr(getattr(comfy_args, "preview_method", None), "value", "none") != "none"
 
 
 class _Progress:
-    """ComfyUI progress bar (one tick per scale) + interrupt check; silent outside ComfyUI."""
+    """ComfyUI progress bar (one tick per step: scales, decode, colour fix) + interrupt check, with a
+    preview image on the bar when ComfyUI has previews on; silent outside ComfyUI."""
 
     def __init__(self):
         self.bar = None
+        self.image = None  # the latest preview (PIL image), sent with the next tick
+        self.preview = self.set_preview if _previews_enabled() else None
+
+    def set_preview(self, rgb: torch.Tensor) -> None:
+        from PIL import Image
+
+        self.image = Image.fromarray(rgb.numpy())
 
     def __call__(self, done: int, total: int) -> None:
         _interrupt_check()
         if mm is not None:
             if self.bar is None:
                 self.bar = comfy.utils.ProgressBar(total)
-            self.bar.update_absolute(done, total)
+            preview = None
+            if self.image is not None:
+                preview = (PREVIEW_FORMAT, self.image, getattr(comfy_args, "preview_size", DEFAULT_PREVIEW_SIZE))
+                self.image = None
+            self.bar.update_absolute(done, total, preview)
 
 
 def _release_text_encoder(pipe: NSARMPipeline) -> None:
@@ -229,6 +287,15 @@ def _encode(model: NSARMModel, prompts: list[str]) -> PromptEmbeds:
 
 def _to_output(images: torch.Tensor) -> torch.Tensor:
     return images.to(_output_device())
+
+
+def _preview_step(pipe: NSARMPipeline, progress: _Progress, latent):
+    """The sampler's progress callback: a preview of `latent()` (when previews are on), then a tick."""
+    def step(si: int, total: int) -> None:
+        if progress.preview:
+            progress.preview(pipe.preview_map.render(latent()))
+        progress(si + 1, total)
+    return step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,13 +342,14 @@ class NSARMModelLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        files = _model_files()
+        files, folders = _model_files(), _text_encoder_folders()
         return {"required": {
-            "checkpoint": (files, {"tooltip": "NSARM.pth (or a converted .safetensors) in models/nsarm"}),
-            "vae": (files, {"tooltip": "infinity_vae_d56_f8_14_patchify.pth in models/nsarm"}),
-            "text_encoder": ([CACHED_PROMPTS_ONLY] + _text_encoder_folders(), {
-                "tooltip": "Flan-T5-XL folder in models/text_encoders, loaded only for prompts not yet "
-                           "cached; 'cached prompts only' never loads it"}),
+            "checkpoint": _combo(files, _default_checkpoint(files),
+                                 "NSARM.pth (or a converted .safetensors) in models/nsarm"),
+            "vae": _combo(files, _default_vae(files), "infinity_vae_d56_f8_14_patchify.pth in models/nsarm"),
+            "text_encoder": _combo([CACHED_PROMPTS_ONLY] + folders, _default_text_encoder(folders),
+                                   "Flan-T5-XL folder in models/text_encoders, loaded only for prompts not yet "
+                                   "cached; 'cached prompts only' never loads it"),
             "dtype": widget("dtype"),
             "attention": widget("attention"),
         }, "optional": {
@@ -298,6 +366,7 @@ class NSARMModelLoader:
         # compute device directly and kept out of ComfyUI's model manager, which would move them all.
         self_managed = blocks_on_cpu > 0 or offload_text_and_map
         home = load_device if self_managed else _offload_device()
+        check_model_pair(_resolve(MODELS_FOLDER, checkpoint), _resolve(MODELS_FOLDER, vae))  # headers only
         transformer = load_transformer(_resolve(MODELS_FOLDER, checkpoint), device=home,
                                        dtype=_block_dtype(dtype, load_device), weight_format=weight_format,
                                        blocks_on_cpu=blocks_on_cpu, offload_text_and_map=offload_text_and_map)
@@ -337,7 +406,8 @@ class NSARMTextEncode:
 
 class NSARMEncodeLR:
     DESCRIPTION = ("VAE-encodes 256x256 low-resolution images and runs NSARM's transformation network, "
-                   "which predicts the first 7 scales. Use NSARM Tile first for other sizes.")
+                   "which predicts the first 7 scales. Use NSARM Tile first for other sizes; connect its "
+                   "tile_info too and the tiles share one latent canvas (seamless).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("NSARM_SCALES",)
     RETURN_NAMES = ("scales",)
@@ -348,21 +418,32 @@ class NSARMEncodeLR:
         return {"required": {
             "model": ("NSARM_MODEL", {"tooltip": "from NSARM Model Loader"}),
             "image": ("IMAGE", {"tooltip": "batch of 256x256 LR images (or tiles from NSARM Tile)"}),
+        }, "optional": {
+            "tile_info": ("NSARM_TILES", {"tooltip": "from NSARM Tile (tile size 256, align 4): the tiles then share "
+                                          "one latent canvas, NSARM Bitwise Decode continues each tile from its "
+                                          "neighbours and NSARM Decode gives the whole image"}),
         }}
 
     @_checked
-    def encode(self, model, image):
+    def encode(self, model, image, tile_info=None):
         if tuple(image.shape[1:3]) != (LR_SIDE, LR_SIDE):
             raise ValueError(f"NSARM Encode LR needs {LR_SIDE}x{LR_SIDE} images, got {image.shape[2]}x"
                              f"{image.shape[1]}: put NSARM Tile before it (or use NSARM Upscale)")
+        if tile_info is not None:
+            if tile_info.tile_size != LR_SIDE or tile_info.num_tiles != image.shape[0]:
+                raise ValueError(f"NSARM Encode LR: tile_info describes {tile_info.num_tiles} tiles of "
+                                 f"{tile_info.tile_size}px but image holds {image.shape[0]} of {LR_SIDE}px; connect "
+                                 f"both outputs of the same NSARM Tile (tile_size {LR_SIDE})")
+            CanvasLayout.from_grid(tile_info)  # refuses grids the canvas cannot use, naming the fix
         with model.session() as pipe:
             bits = transformation_bits(pipe.transformer, pipe.encode_lr(image))
-        return (LRScales(tuple(b.cpu() for b in bits), image.detach().cpu()),)
+        return (LRScales(tuple(b.cpu() for b in bits), image.detach().cpu(), tile_info),)
 
 
 class NSARMBitwiseDecode:
     DESCRIPTION = ("NSARM's next-scale bitwise autoregressive loop: the 7 scales from the LR image, then "
-                   "6 generated scales up to 64x64 tokens (1024x1024 px). Item i uses seed + i.")
+                   "6 generated scales up to 64x64 tokens (1024x1024 px). Item i uses seed + i. With tiles "
+                   "that share a canvas (tile_info into Encode LR) the tiles run phase by phase on it.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("NSARM_LATENT",)
     RETURN_NAMES = ("latent",)
@@ -391,15 +472,49 @@ class NSARMBitwiseDecode:
         n = scales.images.shape[0]
         if cond.batch_size not in (1, n):
             raise ValueError(f"cond holds {cond.batch_size} prompts for {n} images: give one prompt or one per image")
+        sampling = dict(tau=tau, top_p=top_p, cfg=cfg, next_scale_mode=mode, negative_text=negative if cfg != 1.0 else None)
+        progress = _Progress()
+        if scales.grid is not None:  # one shared canvas per image, phase by phase (each phase one batch)
+            return (self._decode_canvas(model, scales, cond, seed, progress, sampling),)
+        latest: list[torch.Tensor] = []
+
+        def record(si: int, summed: torch.Tensor) -> torch.Tensor:
+            latest[:] = [summed[0]]
+            return summed
+
         with model.session(n, cfg) as pipe:
+            step = _preview_step(pipe, progress, lambda: latest[0])
             res = sample(pipe.transformer, pipe.vae, cond, seed=[seed + i for i in range(n)], replaced_bits=scales.bits,
-                         tau=tau, top_p=top_p, cfg=cfg, next_scale_mode=mode,
-                         negative_text=negative if cfg != 1.0 else None, progress=_Progress())
+                         progress=step, latent_hook=record if progress.preview else None, **sampling)
         return (NSARMLatent(res.summed_codes.cpu()),)
+
+    @staticmethod
+    def _decode_canvas(model, scales, cond, seed, progress, sampling) -> NSARMLatent:
+        grid = scales.grid
+        phases_ = phase_tiles(grid)
+        with model.session(max(len(p) for p in phases_), sampling["cfg"]) as pipe:
+            canvas = LatentCanvas(grid, N_SCALES, pipe.vae.quantizer.codebook_dim, device=pipe.device)
+            done = 0
+            for idx in canvas.phases():
+                image = idx[0] // grid.tiles_per_image
+
+                def tick(si: int, total: int, image=image) -> None:
+                    if progress.preview:
+                        progress.preview(pipe.preview_map.render(canvas.latest[image]))
+                    progress(done + si + 1, len(phases_) * N_SCALES)
+
+                text = cond if cond.batch_size == 1 else cond.select(idx)
+                sample(pipe.transformer, pipe.vae, text, seed=[seed + i for i in idx],
+                       replaced_bits=[b[idx] for b in scales.bits], progress=tick, latent_hook=canvas.hook(idx),
+                       **sampling)
+                done += N_SCALES
+            latent = canvas.latent().cpu()
+        return NSARMLatent(latent, grid)
 
 
 class NSARMDecode:
-    DESCRIPTION = "Decodes an NSARM latent into 1024x1024 images with the BSQ-VAE decoder."
+    DESCRIPTION = ("Decodes an NSARM latent with the BSQ-VAE decoder: 1024x1024 per tile, or a shared canvas "
+                   "as one whole image (tiled decode with image-wide statistics, padding cropped).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
@@ -414,11 +529,19 @@ class NSARMDecode:
 
     @_checked
     def decode(self, model, latent):
+        progress = _Progress()
+        if latent.grid is not None:
+            g = latent.grid
+            with model.session() as pipe:
+                whole = decode_tiled(pipe.vae, latent.summed_codes, progress=progress)
+            top, left = g.pad_top * SCALE, g.pad_left * SCALE
+            return (_to_output(whole[:, top:top + g.height * SCALE, left:left + g.width * SCALE].contiguous()),)
         out = []
+        n = latent.summed_codes.shape[0]
         with model.session() as pipe:
-            for i in range(latent.summed_codes.shape[0]):  # one 1024x1024 decode at a time
-                _interrupt_check()
+            for i in range(n):  # one 1024x1024 decode at a time
                 out.append(pipe.decode(latent.summed_codes[i:i + 1]).cpu())
+                progress(i + 1, n)
         return (_to_output(torch.cat(out)),)
 
 
@@ -477,7 +600,8 @@ class NSARMTile:
 
 class NSARMUntile:
     DESCRIPTION = ("Stitches processed tiles back together with smooth blending; the scale factor is read "
-                   "from the tile size, so any upscaler (1x-8x) can sit between Tile and Untile.")
+                   "from the tile size, so any upscaler (1x-8x) can sit between Tile and Untile. A whole 4x image "
+                   "(NSARM Decode of a shared canvas) passes through unchanged.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
@@ -493,12 +617,15 @@ class NSARMUntile:
 
     @_checked
     def untile(self, image, tile_info, blend):
+        g = tile_info
+        if image.shape[0] == g.batch and tuple(image.shape[1:3]) == (g.height * SCALE, g.width * SCALE):
+            return (image,)  # already whole: NSARM Decode of a shared canvas
         return (tiling.untile(image, tile_info, blend),)
 
 
 class NSARMUpscale:
-    DESCRIPTION = ("One node for the whole job: any-size image -> 4x (tiled at 256 px with blended overlaps, "
-                   "colour fix once on the stitched result).")
+    DESCRIPTION = ("One node for the whole job: any-size image -> 4x (tiled at 256 px; by default the tiles "
+                   "share one latent canvas and the image is decoded as one; colour fix once on the result).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
@@ -520,17 +647,20 @@ class NSARMUpscale:
                 "color_fix": widget("color_fix"),
                 "output_scale": widget("output_scale"),
                 **_sampling_inputs(),
-                "blend": widget("blend"),
+                "blend": widget("blend", tooltip="tile overlap blending of tiling 'independent'; none = hard cut"),
+                "tiling": widget("tiling"),
             },
         }
 
     @_checked
     def upscale(self, model, image, prompt, seed, tile_overlap, tile_batch_size=1, color_fix="adain+wavelet",
-                output_scale=4.0, tau=0.5, top_p=0.97, cfg=1.0, mode="area", blend="cosine"):
+                output_scale=4.0, tau=0.5, top_p=0.97, cfg=1.0, mode="area", blend="cosine", tiling="shared"):
+        progress = _Progress()
         with model.session(tile_batch_size, cfg) as pipe:
             out = pipe(image, prompt=prompt, seed=seed, tau=tau, top_p=top_p, cfg=cfg, next_scale_mode=mode,
                        color_fix=color_fix, tile_overlap=tile_overlap, tile_batch_size=tile_batch_size,
-                       blend=blend, output_scale=output_scale, progress=_Progress())
+                       blend=blend, output_scale=output_scale, progress=progress, tiling=tiling,
+                       preview=progress.preview)
         _release_text_encoder(pipe)
         return (_to_output(out),)
 

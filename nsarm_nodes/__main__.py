@@ -134,7 +134,8 @@ def save_image(image, path: Path, overwrite: bool) -> None:
 
 
 class ScaleProgress:
-    """A one-line progress bar on stderr, updated once per generated scale."""
+    """A one-line progress bar on stderr: one step per scale of each tile batch, per decode and for the
+    colour fix."""
 
     def __init__(self, label: str, stream=sys.stderr, checkpoint=None):
         self.label, self.stream, self.start = label, stream, time.perf_counter()
@@ -146,7 +147,7 @@ class ScaleProgress:
         width = 30
         filled = int(width * done / total)
         elapsed = time.perf_counter() - self.start
-        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} scales "
+        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} steps "
                           f"{elapsed:6.1f}s")
         if done == total:
             self.stream.write("\n")
@@ -218,7 +219,7 @@ def pipeline_kwargs(args) -> dict:
         prompt=args.prompt, negative_prompt=args.negative_prompt, tau=args.tau, top_p=args.top_p, cfg=args.cfg,
         next_scale_mode=args.mode, color_fix=args.color_fix, tile_overlap=args.tile_overlap,
         tile_batch_size=args.tile_batch_size, blend=args.blend, output_scale=args.output_scale,
-        max_tiles=args.max_tiles,
+        max_tiles=args.max_tiles, tiling=args.tiling,
     )
 
 
@@ -228,6 +229,7 @@ def cmd_upscale(args) -> int:
     images = [load_image(p, args.max_pixels) for p in inputs]
 
     from . import tiling
+    from .canvas import plan_grid
     from .options import torch_dtype
     from .pipeline import load_pipeline
 
@@ -242,7 +244,7 @@ def cmd_upscale(args) -> int:
         seconds = time.perf_counter() - t0
         print(f"{src} ({w}x{h}) -> {out} ({result.shape[2]}x{result.shape[1]}) in {seconds:.1f}s")
         if args.report:
-            grid = tiling.plan(h, w, 256, args.tile_overlap)
+            grid = plan_grid(h, w, 256, args.tile_overlap, mode=args.tiling)
             score = tiling.seam_score(result[0], grid, args.output_scale) if grid.tiles_per_image > 1 else 1.0
             print(f"  tiles {grid.tiles_per_image} ({grid.rows}x{grid.cols}), seam score {score:.3f} "
                   f"(1.0 = seams as smooth as the interior)")
@@ -430,7 +432,8 @@ def add_upscale_options(p: argparse.ArgumentParser, local_device: bool = True) -
     add_argument(p, "mode", "--next-scale-mode")
     add_argument(p, "color_fix")
     add_argument(p, "tile_overlap", "--overlap")
-    add_argument(p, "blend")
+    add_argument(p, "tiling")
+    add_argument(p, "blend", help="tile overlap blending of --tiling independent; none = hard cut")
     add_argument(p, "tile_batch_size")
     add_argument(p, "output_scale")
     add_argument(p, "max_tiles")

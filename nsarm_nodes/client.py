@@ -314,6 +314,48 @@ def parse_ws_event(text: bytes | str) -> tuple[str, dict] | None:
     return event["type"], data if isinstance(data, dict) else {}
 
 
+PREVIEW_IMAGE = 1  # ComfyUI's binary websocket event types (protocol.py BinaryEventTypes)
+PREVIEW_IMAGE_WITH_METADATA = 4
+PREVIEW_FORMATS = {1: "jpeg", 2: "png"}  # PREVIEW_IMAGE's image type field
+MAX_PREVIEW_METADATA_BYTES = 64 * 1024
+MAX_FIELD_CHARS = 32  # a preview's format / node id as reported
+
+
+def _short_text(value: Any) -> str | None:
+    """A server-given format or node id as short printable text (None if it is neither str nor int)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None
+    return "".join(c for c in str(value) if c.isprintable())[:MAX_FIELD_CHARS] or None
+
+
+def parse_preview_frame(payload: bytes) -> dict | None:
+    """A binary websocket frame -> {"type": "preview", "format", "bytes", "node"} for a preview image,
+    else None (other binary events, or a frame whose lengths do not add up).
+
+    Frame: 4-byte big-endian event type; PREVIEW_IMAGE: 4-byte image type + image bytes;
+    PREVIEW_IMAGE_WITH_METADATA (current ComfyUI): 4-byte JSON length + JSON + image bytes. The image
+    itself is only counted, never kept or written (the frame's size is already capped by
+    MAX_WS_MESSAGE_BYTES)."""
+    if not isinstance(payload, (bytes, bytearray)) or len(payload) < 8:
+        return None
+    event = int.from_bytes(payload[:4], "big")
+    field = int.from_bytes(payload[4:8], "big")
+    if event == PREVIEW_IMAGE:
+        return {"type": "preview", "format": PREVIEW_FORMATS.get(field, "unknown"), "bytes": len(payload) - 8,
+                "node": None}
+    if event != PREVIEW_IMAGE_WITH_METADATA or field > min(MAX_PREVIEW_METADATA_BYTES, len(payload) - 8):
+        return None
+    try:
+        meta = json.loads(bytes(payload[8:8 + field]))
+    except (ValueError, RecursionError):
+        meta = None
+    meta = meta if isinstance(meta, dict) else {}
+    image_type = meta.get("image_type")
+    fmt = _short_text(image_type.rpartition("/")[2] if isinstance(image_type, str) else None)
+    return {"type": "preview", "format": fmt or "unknown", "bytes": len(payload) - 8 - field,
+            "node": _short_text(meta.get("node_id"))}
+
+
 def upload_image(server: str, path: Path | str, *, subfolder: str = "", overwrite: bool = False,
                  timeout: float = 60.0) -> str:
     """Upload a file to ComfyUI's input folder; returns the name to put into LoadImage's ``image``.
@@ -788,6 +830,10 @@ def _wait(base: str, prompt: Mapping[str, Any], prompt_id: str, ws: _WebSocket |
             quiet_since = time.monotonic()
             while True:
                 msg = ws.recv(min(left(), 1.0), limit=left())
+                if msg is not None and msg[0] == 2:
+                    preview = parse_preview_frame(msg[1])
+                    if preview is not None:
+                        emit(preview)
                 if msg is None or msg[0] != 1:
                     # Nothing (or only a binary preview) for a while: make sure we did not miss the end.
                     if time.monotonic() - quiet_since > 5:

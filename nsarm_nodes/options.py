@@ -24,9 +24,10 @@ MAX_SEED = 0xFFFFFFFFFFFFFFFF  # seeds wrap modulo 2^64 in the sampler
 DEFAULT_SERVER = "http://127.0.0.1:8188"
 DEFAULT_MAX_PIXELS = 50_000_000  # input images above this are refused before decoding (--max-pixels)
 
-# Choice lists the library modules share (colorfix.METHODS, tiling.BLEND_MODES are these).
+# Choice lists the library modules share (colorfix.METHODS, tiling.BLEND_MODES, canvas.TILING_MODES are these).
 COLOR_FIX_METHODS = ("adain+wavelet", "adain", "wavelet", "none")
 BLEND_MODES = ("cosine", "linear", "none")
+TILING_MODES = ("shared", "independent")
 NEXT_SCALE_MODES = ("area", "trilinear")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # auto: the loader decides
@@ -219,6 +220,9 @@ TABLE: dict[str, Option] = {o.name: o for o in (
            "adain+wavelet); none turns it off", choices=COLOR_FIX_METHODS),
     Option("output_scale", FLOAT, 4.0, "final scale; below 4 the 4x result is resampled", 1.0, 4.0, step=0.5),
     Option("blend", CHOICE, "cosine", "tile overlap blending; none = hard cut", choices=BLEND_MODES),
+    Option("tiling", CHOICE, "shared", "shared: the tiles share one latent canvas, each continues its finished "
+           "neighbours and the image is decoded as one (seamless); independent: every tile on its own, blended "
+           "in pixel space", choices=TILING_MODES),
     Option("tile_size", INT, 256, "tile side in input pixels; NSARM needs 256", 16, 4096, step=8),
     Option("overlap", INT, 32, "minimum overlap between neighbouring tiles (at most tile_size / 2)", 0, 2048, step=8),
     Option("align", INT, 1, "tile positions on multiples of this; use q for a non-integer upscaler p/q "

@@ -1,8 +1,12 @@
 """NSARMPipeline: LR image(s) of any size -> 4x super-resolved image(s); model discovery.
 
 One 256x256 LR tile goes: VAE encoder -> transformation network -> 13-scale bitwise loop ->
-VAE decoder -> 1024x1024. Other sizes are tiled (256 px tiles with overlap, blended back), and the
-colour fix runs once on the stitched image against the whole LR image, so tiles cannot drift
+VAE decoder -> 1024x1024. Other sizes are tiled (256 px tiles with overlap), in one of two modes:
+  * "shared" (default): the tiles share one latent canvas per scale (canvas.py), so each tile
+    continues its finished neighbours' decisions; the canvas is decoded as one latent with a
+    tiled decode (tiled_decode.py). One image, one latent: no pixel-space blending of tiles.
+  * "independent": every tile runs on its own and the decoded tiles are feathered together.
+The colour fix runs once on the whole result against the whole LR image, so tiles cannot drift
 apart in colour.
 
 Images are ComfyUI IMAGE tensors: float [B, H, W, 3] in [0, 1].
@@ -17,12 +21,31 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import colorfix, options, tiling
+from . import colorfix, options
+from . import tiling as tilegrid
+from .canvas import LatentCanvas, phase_tiles, plan_grid
 from .config import DEFAULT_PROMPT, LR_SIZE, SCALE_FACTOR
-from .sampler import sample
+from .preview import LatentPreview
+from .sampler import sample, transformation_bits
+from .schedule import scale_schedule
+from .tiled_decode import decode_tiled
 from .text import PromptCache, PromptEmbeds, T5TextEncoder, encode_prompts
 
 Progress = Callable[[int, int], None]
+Preview = Callable[[torch.Tensor], None]  # receives uint8 [h, w, 3] (CPU) images
+N_SCALES = len(scale_schedule(1.0, "1M"))
+
+
+class _Steps:
+    """Progress over a known number of steps (scales of each tile batch, decodes, colour fix)."""
+
+    def __init__(self, total: int, progress: Progress | None):
+        self.done, self.total, self.progress = 0, total, progress
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.progress:
+            self.progress(self.done, self.total)
 
 
 class MissingModelsError(FileNotFoundError):
@@ -135,6 +158,14 @@ class NSARMPipeline:
             raise ValueError("the transformer has no transformation network: load NSARM.pth, not plain Infinity")
         self.transformer, self.vae = transformer, vae
         self.text_encoder, self.prompt_cache = text_encoder, prompt_cache
+        self._preview_map: LatentPreview | None = None
+
+    @property
+    def preview_map(self) -> LatentPreview:
+        """The latent -> RGB preview map of this VAE, fitted at first use."""
+        if self._preview_map is None:
+            self._preview_map = LatentPreview.fit(self.vae)
+        return self._preview_map
 
     @property
     def device(self) -> torch.device:
@@ -163,23 +194,65 @@ class NSARMPipeline:
 
     @torch.no_grad()
     def upscale_tiles(self, tiles: torch.Tensor, text: PromptEmbeds, *, seeds: Sequence[int],
-                      batch_size: int = 1, progress: Progress | None = None, **sampling) -> torch.Tensor:
-        """256x256 tiles [N, 256, 256, 3] -> [N, 1024, 1024, 3] (no colour fix), `batch_size` at a
-        time through the transformer. `text` has one prompt per tile; `seeds` one seed per tile."""
+                      batch_size: int = 1, progress: Progress | None = None, preview: Preview | None = None,
+                      steps: _Steps | None = None, **sampling) -> torch.Tensor:
+        """Independent tiles: 256x256 tiles [N, 256, 256, 3] -> [N, 1024, 1024, 3] (no colour fix),
+        `batch_size` at a time through the transformer. `text` has one prompt per tile; `seeds` one
+        seed per tile. Progress: one step per scale of each batch and one per batch decode."""
+        n_batches = -(-tiles.shape[0] // batch_size)
+        steps = steps or _Steps(n_batches * (N_SCALES + 1), progress)
         outs = []
-        n_chunks = -(-tiles.shape[0] // batch_size)
-        for c, start in enumerate(range(0, tiles.shape[0], batch_size)):
+        for start in range(0, tiles.shape[0], batch_size):
             idx = list(range(start, min(start + batch_size, tiles.shape[0])))
+            latest: list[torch.Tensor] = []
 
-            def step(si: int, n: int, c=c) -> None:
-                if progress:
-                    progress(c * n + si + 1, n_chunks * n)
+            def record(si: int, summed: torch.Tensor) -> torch.Tensor:
+                latest[:] = [summed[0]]
+                return summed
 
             feats = self.encode_lr(tiles[idx])
-            res = sample(self.transformer, self.vae, text.select(idx), feats,
-                         seed=[seeds[i] for i in idx], progress=step, **sampling)
+            res = sample(self.transformer, self.vae, text.select(idx), feats, seed=[seeds[i] for i in idx],
+                         progress=self._step(steps, preview, lambda: latest[0]),
+                         latent_hook=record if preview else None, **sampling)
             outs.append(self.decode(res.summed_codes).cpu())
+            steps.tick()
         return torch.cat(outs)
+
+    def _step(self, steps: _Steps, preview: Preview | None, latent: Callable[[], torch.Tensor]):
+        """The sampler's progress callback: a preview of `latent()`, then one progress step."""
+        def step(si: int, n: int) -> None:
+            if preview:
+                preview(self.preview_map.render(latent()))
+            steps.tick()
+        return step
+
+    @torch.no_grad()
+    def upscale_shared(self, tiles: torch.Tensor, grid: tilegrid.TileGrid, text: PromptEmbeds, *,
+                       seeds: Sequence[int], batch_size: int = 1, progress: Progress | None = None,
+                       preview: Preview | None = None, steps: _Steps | None = None,
+                       **sampling) -> torch.Tensor:
+        """Shared canvas: tiles [B * N, 256, 256, 3] cut by `grid` -> the padded images
+        [B, 4 * padded H, 4 * padded W, 3] (no colour fix). Phase by phase, `batch_size` tiles of a
+        phase at a time; then one tiled decode of each image's canvas. Progress: one step per scale
+        of each batch and one per decoded image."""
+        canvas = LatentCanvas(grid, N_SCALES, self.vae.quantizer.codebook_dim, device=self.device)
+        batches = [phase[i:i + batch_size] for phase in canvas.phases() for i in range(0, len(phase), batch_size)]
+        steps = steps or _Steps(len(batches) * N_SCALES + grid.batch, progress)
+        n = grid.tiles_per_image
+        # The transformation network's scales of every tile, `batch_size` tiles at a time in raster order
+        # (as NSARM Encode LR takes the whole tile batch); then the phases.
+        replaced = [torch.cat(parts) for parts in zip(*(
+            transformation_bits(self.transformer, self.encode_lr(tiles[i:i + batch_size]))
+            for i in range(0, tiles.shape[0], batch_size)))]
+        for idx in batches:
+            image = idx[0] // n
+            sample(self.transformer, self.vae, text.select(idx), seed=[seeds[i] for i in idx],
+                   replaced_bits=[b[idx] for b in replaced],
+                   progress=self._step(steps, preview, lambda: canvas.latest[image]),
+                   latent_hook=canvas.hook(idx), **sampling)
+        latent = canvas.latent().clone()  # [B, d, H/2, W/2]; the other scales' canvases are dropped
+        del canvas
+        return decode_tiled(self.vae, latent, output_device="cpu", progress=lambda done, total: steps.tick())
 
     @torch.no_grad()
     def __call__(
@@ -200,44 +273,94 @@ class NSARMPipeline:
         output_scale: float = SCALE_FACTOR,
         max_tiles: int | None = None,
         progress: Progress | None = None,
+        tiling: str = "shared",
+        preview: Preview | None = None,
     ) -> torch.Tensor:
         """IMAGE [B, H, W, 3] of any size -> IMAGE [B, round(H*s), round(W*s), 3], s = output_scale.
 
         Tile i of the whole tile batch (image-major, raster order) is sampled with seed + i, as in the
         composable node chain (NSARMTile -> ... -> NSARMBitwiseDecode); a single 256x256 image uses
-        `seed` itself. `prompt` is one prompt or one per image.
+        `seed` itself. `prompt` is one prompt or one per image. `tiling`: "shared" (one latent
+        canvas per image, the default) or "independent" (tiles blended in pixel space with `blend`);
+        an image that fits one tile gives the same result in both. progress(done, total) counts the
+        scales of every tile batch, the decodes and the colour fix; preview(uint8 [h, w, 3]) gets a
+        picture of the running latent after every scale.
         """
         images_to_unit(images)  # validates shape and finiteness before any work
         for name, value in (("seed", seed), ("tau", tau), ("top_p", top_p), ("cfg", cfg), ("mode", next_scale_mode),
                             ("color_fix", color_fix), ("tile_overlap", tile_overlap),
-                            ("tile_batch_size", tile_batch_size), ("blend", blend), ("output_scale", output_scale)):
+                            ("tile_batch_size", tile_batch_size), ("blend", blend), ("output_scale", output_scale),
+                            ("tiling", tiling)):
             options.check(name, value, f"NSARMPipeline: {name}")  # the bounds of the nodes and the CLI
         B, H, W, _ = images.shape
         prompts = [prompt] * B if isinstance(prompt, str) else list(prompt)
         if len(prompts) != B:
             raise ValueError(f"got {len(prompts)} prompts for {B} images; give one prompt or one per image")
-        grid = tiling.plan(H, W, LR_SIZE, tile_overlap, batch=B)
+        grid = plan_grid(H, W, LR_SIZE, tile_overlap, batch=B, mode=tiling)
         if max_tiles is not None and grid.num_tiles > max_tiles:
             raise ValueError(
                 f"{B} image(s) of {W}x{H} need {grid.num_tiles} tiles of {LR_SIZE}px (limit {max_tiles}); "
                 f"each tile is a full 1024x1024 NSARM run. Downscale the input, raise the limit, or lower the overlap"
             )
-        tiles, grid = tiling.tile(images.float(), LR_SIZE, tile_overlap)
+        tiles, grid = tilegrid.tile(images.float(), LR_SIZE, tile_overlap, align=grid.align)
         n = grid.tiles_per_image
         text = self.encode_prompts(prompts).repeat(n)  # one prompt per tile, image-major
         seeds = [seed + i for i in range(B * n)]
         negative = None
         if negative_prompt is not None and cfg != 1.0:
             negative = self.encode_prompts([negative_prompt])
-        sr = self.upscale_tiles(tiles, text, seeds=seeds, batch_size=tile_batch_size, progress=progress,
-                                tau=tau, top_p=top_p, cfg=cfg, next_scale_mode=next_scale_mode,
-                                negative_text=negative)
-        out = tiling.untile(sr, grid, blend)
-        if color_fix != "none":
+        sampling = dict(tau=tau, top_p=top_p, cfg=cfg, next_scale_mode=next_scale_mode, negative_text=negative)
+        fix = 1 if color_fix != "none" else 0
+        if tiling == "shared":
+            canvas_batches = sum(-(-len(p) // tile_batch_size) for p in phase_tiles(grid))
+            steps = _Steps(canvas_batches * N_SCALES + B + fix, progress)
+            padded = self.upscale_shared(tiles, grid, text, seeds=seeds, batch_size=tile_batch_size,
+                                         preview=preview, steps=steps, **sampling)
+            top, left = grid.pad_top * SCALE_FACTOR, grid.pad_left * SCALE_FACTOR
+            out = padded[:, top:top + H * SCALE_FACTOR, left:left + W * SCALE_FACTOR].contiguous()
+        else:
+            steps = _Steps(-(-grid.num_tiles // tile_batch_size) * (N_SCALES + 1) + fix, progress)
+            sr = self.upscale_tiles(tiles, text, seeds=seeds, batch_size=tile_batch_size, preview=preview,
+                                    steps=steps, **sampling)
+            out = tilegrid.untile(sr, grid, blend)
+        if fix:
             fixed = colorfix.color_fix(out.permute(0, 3, 1, 2), images.float().permute(0, 3, 1, 2).to(out.device),
                                        color_fix)
             out = fixed.permute(0, 2, 3, 1).contiguous()
+            steps.tick()
         return resize_output(out, round(H * output_scale), round(W * output_scale))
+
+
+def check_model_pair(checkpoint, vae) -> None:
+    """Before the big file is read: `checkpoint` holds a transformer, `vae` a BSQ-VAE, and they work
+    on the same latent (shapes from the headers only; paths or state dicts). Raises CheckpointError
+    naming the files and the fix."""
+    from .loading import CheckpointError, describe, read_checkpoint, shape_of, unwrap
+    from .transformer import CHECKPOINT_WRAPPERS as TRANSFORMER_WRAPPERS
+    from .vae import CHECKPOINT_WRAPPERS as VAE_WRAPPERS
+    from .vae import REQUIRED_KEYS, TRANSFORMER_HINT_KEYS, _lookup
+
+    names = describe(checkpoint), describe(vae)
+    model_sd = unwrap(read_checkpoint(checkpoint), TRANSFORMER_WRAPPERS, names[0])
+    vae_sd = unwrap(read_checkpoint(vae), VAE_WRAPPERS, names[1])
+    is_vae = [all(_lookup(sd, k) is not None for k in REQUIRED_KEYS) for sd in (model_sd, vae_sd)]
+    is_model = [any(k in sd for k in TRANSFORMER_HINT_KEYS) for sd in (model_sd, vae_sd)]
+    if is_vae[0] and is_model[1]:
+        raise CheckpointError(f"checkpoint and vae are swapped: {names[0]} is the VAE and {names[1]} the "
+                              f"transformer; pick them the other way round")
+    if is_vae[0]:
+        raise CheckpointError(f"{names[0]} is a VAE, not the NSARM transformer: choose NSARM.pth (or a converted "
+                              f"NSARM .safetensors) as checkpoint")
+    if is_model[1]:
+        raise CheckpointError(f"{names[1]} is a transformer checkpoint, not the VAE: choose "
+                              f"infinity_vae_d56_f8_14_patchify.pth as vae")
+    if "word_embed.weight" in model_sd and is_vae[1]:
+        bits = shape_of(model_sd, "word_embed.weight")[1]  # [C, d_vae]: bits per token
+        channels = tuple(_lookup(vae_sd, REQUIRED_KEYS[1]).shape)[0]  # encoder.conv_out [d, C, 3, 3]
+        if bits not in (channels, 4 * channels):
+            raise CheckpointError(
+                f"wrong model pair: {names[0]} works on {bits}-bit tokens but {names[1]} has {channels} latent "
+                f"channels; NSARM / Infinity-8B need infinity_vae_d56_f8_14_patchify.pth (14 channels, 56 bits)")
 
 
 def load_pipeline(models_dir: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
@@ -259,6 +382,7 @@ def load_pipeline(models_dir: str | os.PathLike, device=None, dtype: torch.dtype
     if missing:
         raise MissingModelsError(missing_models_message(root, missing))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_model_pair(found["transformer"], found["vae"])
     transformer = load_transformer(found["transformer"], device=device, dtype=dtype)
     vae = load_vae(found["vae"], device=device)
     encoder = T5TextEncoder(found["text encoder"], device=device) if text_encoder else None

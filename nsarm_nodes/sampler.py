@@ -135,6 +135,7 @@ def sample(
     schedule: list[tuple[int, int]] | None = None,
     prefill: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    latent_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> SampleResult:
     """Run the 13-scale loop. See the module docstring; docs/ARCHITECTURE.md documents the arguments.
 
@@ -146,6 +147,8 @@ def sample(
     batch of one with seed s); any non-negative int, taken modulo 2^64. forced_bits: per-scale token bits that replace the model's choice
     (teacher forcing), None entries sample. progress(si, n_scales) is called after each scale and
     may raise to interrupt. With cfg != 1, `.logits` are the CFG-mixed logits times tau.
+    latent_hook(si, summed) -> summed is called after scale si's codes are added to the running
+    latent [B, d, H, W] and before the next scale's input is built from it (the shared tile canvas).
     """
     if next_scale_mode not in NEXT_SCALE_MODES:
         raise ValueError(f"next_scale_mode must be one of {NEXT_SCALE_MODES}, got {next_scale_mode!r}")
@@ -223,10 +226,12 @@ def sample(
             return None
         return forced_bits[si]
 
-    def add_scale(latent_bits: torch.Tensor) -> None:
+    def add_scale(si: int, latent_bits: torch.Tensor) -> None:
         nonlocal summed
         bits_out.append(latent_to_tokens(latent_bits, cfgm.patchify).to(torch.uint8))
         summed = summed + up(bits_to_codes(latent_bits), full)
+        if latent_hook is not None:
+            summed = latent_hook(si, summed)
 
     def scale_bits(si: int, sampled: torch.Tensor | None) -> torch.Tensor:
         """Latent bits of scale si: forced > replaced > sampled."""
@@ -243,7 +248,7 @@ def sample(
         # Scales 0..K-1 have known bits: build all their inputs, then one block-causal pass.
         xs = [cond.x_sos + lvl[0]]
         for si in range(K):
-            add_scale(scale_bits(si, None))
+            add_scale(si, scale_bits(si, None))
             if si + 1 < K:
                 xs.append(next_input(si + 1) + lvl[si + 1])
         n = offsets[K - 1] + counts[K - 1]
@@ -272,7 +277,7 @@ def sample(
                 logits_out.append(lg * tau)
             if si >= K and forced(si) is None:
                 sampled = sample_bits(lg, top_p, generators)
-        add_scale(scale_bits(si, sampled))
+        add_scale(si, scale_bits(si, sampled))
         if si + 1 < n_scales:
             x = next_input(si + 1)
         if progress:

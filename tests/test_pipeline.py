@@ -90,14 +90,14 @@ def test_pipeline_256_gives_1024_and_is_deterministic(pipe):
 
 def test_pipeline_any_size_batch_and_output_scale(pipe):
     imgs = torch.cat([lr_image(120, 300, 1), lr_image(120, 300, 2)])
-    both = pipe(imgs, seed=5, tile_batch_size=2, output_scale=2.0)
+    both = pipe(imgs, seed=5, tile_batch_size=2, output_scale=2.0, tiling="independent")
     assert both.shape == (2, 240, 600, 3)
     from nsarm_nodes.tiling import estimate_tiles
-    alone = pipe(imgs[1:], seed=5 + estimate_tiles(120, 300), output_scale=2.0)
+    alone = pipe(imgs[1:], seed=5 + estimate_tiles(120, 300), output_scale=2.0, tiling="independent")
     # batched kernels round differently (measured max 5e-4 after the deep decoder); same bits
     assert torch.allclose(both[1], alone[0], atol=2e-3)
     # colour fix once against the whole LR: the result's mean colour follows the LR's
-    fixed = pipe(imgs[:1], seed=5, color_fix="adain")
+    fixed = pipe(imgs[:1], seed=5, color_fix="adain", tiling="independent")
     assert (fixed.mean(dim=(1, 2)) - imgs[:1].mean(dim=(1, 2))).abs().max() < 0.02
 
 
@@ -141,7 +141,7 @@ def test_cli_upscale_end_to_end(models_dir, tmp_path):
     r = cli("upscale", src, "-o", out, "--models", models_dir, "--seed", 2, "--report")
     assert r.returncode == 0, r.stderr
     assert Image.open(out).size == (1024, 1024)
-    assert "13/13 scales" in r.stderr and "seam score" in r.stdout
+    assert "15/15 steps" in r.stderr and "seam score" in r.stdout  # 13 scales, the decode, the colour fix
     before = out.read_bytes()
     r = cli("upscale", src, "-o", out, "--models", models_dir)
     assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
@@ -159,3 +159,23 @@ def test_cli_fails_fast_without_weights(tmp_path):
     assert r.returncode == 2 and "flan-t5-xl" in r.stdout
     r = cli("upscale", tmp_path / "nope.png", "--models", tmp_path)
     assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_model_pair_is_checked_from_the_headers(models_dir, tmp_path):
+    """Swapped files, a VAE as the checkpoint and a VAE of another latent width are refused naming the
+    files, before the transformer is read (shapes come from the headers)."""
+    from nsarm_nodes.loading import CheckpointError
+    from nsarm_nodes.pipeline import check_model_pair
+
+    model, vae = models_dir / "nsarm" / "NSARM.safetensors", models_dir / "nsarm" / "infinity_vae_d56_f8_14_patchify.pth"
+    check_model_pair(model, vae)
+    with pytest.raises(CheckpointError, match="swapped"):
+        check_model_pair(vae, model)
+    with pytest.raises(CheckpointError, match="is a VAE, not the NSARM transformer"):
+        check_model_pair(vae, vae)
+    with pytest.raises(CheckpointError, match="not the VAE"):
+        check_model_pair(model, model)
+    wide = {k: v for k, v in load_vae(vae).state_dict().items()}
+    wide["encoder.conv_out.conv.weight"] = torch.zeros(32, *wide["encoder.conv_out.conv.weight"].shape[1:])
+    with pytest.raises(CheckpointError, match="wrong model pair.*56-bit tokens.*32 latent channels"):
+        check_model_pair(model, wide)
