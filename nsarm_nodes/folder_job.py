@@ -218,7 +218,7 @@ def job_params(pipe_kwargs: dict, seed: int, dtype: str, model_files: dict[str, 
     from .pipeline import NSARMPipeline
 
     defaults = {name: p.default for name, p in inspect.signature(NSARMPipeline.__call__).parameters.items()
-                if p.default is not inspect.Parameter.empty and name not in ("seed", "progress")}
+                if p.default is not inspect.Parameter.empty and name not in ("seed", "progress", "preview")}
     params = {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v  # 4 and 4.0 alike
               for k, v in sorted({**defaults, **pipe_kwargs}.items()) if k not in EXECUTION_ONLY}
     if params.get("cfg", 1.0) == 1.0:

@@ -172,7 +172,8 @@ def test_job_key_counts_what_changes_pixels_only():
     assert key("--negative-prompt", "blur") == base  # unused without guidance
     changed = [key("--prompt", "x"), key("--tau", "0.6"), key("--top-p", "0.9"), key("--cfg", "2"),
                key("--next-scale-mode", "trilinear"), key("--color-fix", "none"), key("--overlap", "16"),
-               key("--blend", "linear"), key("--output-scale", "2"), key(seed=2), key(dtype="bf16")]
+               key("--blend", "linear"), key("--output-scale", "2"), key("--tiling", "independent"), key(seed=2),
+               key(dtype="bf16")]
     assert len({base, *changed}) == len(changed) + 1
 
 
