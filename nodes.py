@@ -430,11 +430,17 @@ class NSARMEncodeLR:
             raise ValueError(f"NSARM Encode LR needs {LR_SIDE}x{LR_SIDE} images, got {image.shape[2]}x"
                              f"{image.shape[1]}: put NSARM Tile before it (or use NSARM Upscale)")
         if tile_info is not None:
+            where = f"{NODE_DISPLAY_NAME_MAPPINGS['NSARMEncodeLR']}: input 'tile_info'"
             if tile_info.tile_size != LR_SIDE or tile_info.num_tiles != image.shape[0]:
-                raise ValueError(f"NSARM Encode LR: tile_info describes {tile_info.num_tiles} tiles of "
-                                 f"{tile_info.tile_size}px but image holds {image.shape[0]} of {LR_SIDE}px; connect "
-                                 f"both outputs of the same NSARM Tile (tile_size {LR_SIDE})")
-            CanvasLayout.from_grid(tile_info)  # refuses grids the canvas cannot use, naming the fix
+                raise ValueError(f"{where} describes {tile_info.num_tiles} tiles of {tile_info.tile_size}px but "
+                                 f"image holds {image.shape[0]} of {LR_SIDE}px; connect both outputs of the same "
+                                 f"NSARM Tile (tile_size {LR_SIDE})")
+            try:
+                CanvasLayout.from_grid(tile_info)  # refuses grids the canvas cannot use, naming the fix
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc} (in the node chain: leave tile_info unconnected)") from None
+            if tile_info.tiles_per_image == 1:
+                tile_info = None  # nothing to share: a plain tile, which NSARM Untile crops as always
         with model.session() as pipe:
             bits = transformation_bits(pipe.transformer, pipe.encode_lr(image))
         return (LRScales(tuple(b.cpu() for b in bits), image.detach().cpu(), tile_info),)
@@ -618,8 +624,12 @@ class NSARMUntile:
     @_checked
     def untile(self, image, tile_info, blend):
         g = tile_info
-        if image.shape[0] == g.batch and tuple(image.shape[1:3]) == (g.height * SCALE, g.width * SCALE):
-            return (image,)  # already whole: NSARM Decode of a shared canvas
+        # Already whole (NSARM Decode of a shared canvas): one image per input image, 4x its size. Tiles of
+        # such a grid come several per image, so they cannot be mistaken for it (a one-tile image never shares
+        # a canvas: its tile, of any upscaler, is cropped below).
+        whole = (g.batch, g.height * SCALE, g.width * SCALE)
+        if g.tiles_per_image > 1 and tuple(image.shape[:3]) == whole:
+            return (image,)
         return (tiling.untile(image, tile_info, blend),)
 
 

@@ -8,6 +8,8 @@ not depend on tile_batch_size.
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -277,3 +279,49 @@ def test_preview_map_is_fitted_once_and_renders_the_latent(pipe):
     assert (img.int() - expected.int()).abs().max() <= 1
     assert m.render(torch.zeros(14, 1100, 600)).shape == (367, 200, 3)  # pooled to <= 512 per side
     assert isinstance(LatentPreview.fit(pipe.vae, samples=1), LatentPreview)
+
+
+# --------------------------------------------------------------------------------------------
+# The node chain: Encode LR with tile_info, Untile's pass-through
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def nodes():
+    from nsarm_nodes import runner
+
+    return runner.load_node_classes()
+
+
+def test_untile_passes_only_whole_canvas_images(nodes):
+    """A decoded canvas of a several-tile image passes NSARM Untile unchanged; a one-tile image's tile
+    from any upscaler is cropped as always, even when its size equals 4x the image (a 2x upscaler on a
+    128x128 image tiled at 256: 512x512, as the whole 4x image would be)."""
+    tile, untile = nodes["NSARMTile"](), nodes["NSARMUntile"]()
+    small = lr_image(128, 128, seed=5)
+    tiles, grid = tile.tile(small, 256, 32, 4)
+    assert grid.tiles_per_image == 1
+    doubled = tiles.repeat_interleave(2, 1).repeat_interleave(2, 2)  # [1, 512, 512, 3]
+    (out,) = untile.untile(doubled, grid, "cosine")
+    assert out.shape == (1, 256, 256, 3)
+    assert torch.allclose(out, small.repeat_interleave(2, 1).repeat_interleave(2, 2), atol=1e-6)
+    wide = lr_image(64, 560, seed=3)
+    _, grid = tile.tile(wide, 256, 32, 4)
+    assert grid.tiles_per_image == 3
+    whole = torch.rand(1, 256, 2240, 3)
+    (out,) = untile.untile(whole, grid, "cosine")
+    assert torch.equal(out, whole)
+
+
+def test_encode_lr_shares_a_canvas_only_between_several_tiles(nodes, pipe):
+    module = sys.modules[nodes["NSARMTile"].__module__]
+    model = module.NSARMModel(pipe, weights=None, patcher=None, attention="auto", name="tiny")
+    tile, encode = nodes["NSARMTile"](), nodes["NSARMEncodeLR"]()
+    for (h, w), shared in (((128, 200), False), ((64, 300), True)):
+        tiles, grid = tile.tile(lr_image(h, w), 256, 32, 4)
+        (scales,) = encode.encode(model, tiles, grid)
+        assert (scales.grid is grid) == shared and (scales.grid is None) == (not shared)
+    with pytest.raises(ValueError, match="NSARM Encode LR: input 'tile_info' describes 2 tiles"):
+        encode.encode(model, tiles[:1], grid)
+    tiles, odd = tile.tile(lr_image(64, 301), 256, 31, 1)  # second tile at x = 45
+    with pytest.raises(ValueError, match="input 'tile_info': the shared latent canvas needs .* leave tile_info"):
+        encode.encode(model, tiles, odd)
