@@ -302,11 +302,18 @@ def _preview_step(pipe: NSARMPipeline, progress: _Progress, latent):
 # Nodes
 
 
+def _custom_types() -> dict[str, type]:
+    """The Python class behind each custom socket type (see the module docstring)."""
+    return {"NSARM_MODEL": NSARMModel, "NSARM_COND": PromptEmbeds, "NSARM_SCALES": LRScales,
+            "NSARM_LATENT": NSARMLatent, "NSARM_TILES": tiling.TileGrid}
+
+
 def _checked(method):
     """Validate a node call before any work (ComfyUI's own checks let NaN through and skip tensors):
     widget values against the node's INPUT_TYPES, i.e. the option table (type, finite, in range, one
-    of the choices), and IMAGE inputs with `check_image` (empty batch, NaN/inf refused; grayscale to
-    RGB, alpha dropped, values clamped to [0, 1]). Errors name the node and the input."""
+    of the choices), IMAGE inputs with `check_image` (empty batch, NaN/inf refused; grayscale to
+    RGB, alpha dropped, values clamped to [0, 1]) and the custom-typed inputs (NSARM_TILES, ...)
+    for their class. Errors name the node and the input."""
     signature = inspect.signature(method)
 
     @functools.wraps(method)
@@ -319,8 +326,13 @@ def _checked(method):
         values.update(options.check_widgets(title, spec, values, skip=getattr(cls, "FILE_INPUTS", ())))
         for section in ("required", "optional"):
             for name, entry in (spec.get(section) or {}).items():
-                if entry[0] == "IMAGE" and values.get(name) is not None:
-                    values[name] = check_image(values[name], f"{title}: input {name!r}")
+                value = values.get(name)
+                if entry[0] == "IMAGE" and value is not None:
+                    values[name] = check_image(value, f"{title}: input {name!r}")
+                expected = _custom_types().get(entry[0]) if isinstance(entry[0], str) else None
+                if expected is not None and value is not None and not isinstance(value, expected):
+                    raise options.OptionError(f"{title}: input {name!r} holds a {type(value).__name__}, not "
+                                              f"{entry[0]}; connect it to a node output of that type")
         return method(self, **values)
 
     return call

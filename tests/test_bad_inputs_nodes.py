@@ -97,6 +97,25 @@ def test_bad_image_tensors_name_the_node_input(nodes, bad, needle):
                 assert str(exc.value).startswith(f"{title}: input {name!r}") and needle in str(exc.value), exc.value
 
 
+def test_custom_typed_inputs_refuse_other_objects(nodes):
+    """A value that is not the socket type's class (e.g. a string in an API prompt where NSARM Tile's
+    tile_info belongs) is refused before any work, naming the node and the input."""
+    checked = 0
+    for class_id, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        title = nodes.NODE_DISPLAY_NAME_MAPPINGS[class_id]
+        for section in ("required", "optional"):
+            for name, entry in (cls.INPUT_TYPES().get(section) or {}).items():
+                if not (isinstance(entry[0], str) and entry[0].startswith("NSARM_")):
+                    continue
+                for bad in ("tile_info", {"height": 1}, torch.zeros(1)):
+                    with pytest.raises(ValueError) as exc:
+                        _call(cls, **{name: bad})
+                    assert str(exc.value).startswith(f"{title}: input {name!r} holds a "), exc.value
+                    assert entry[0] in str(exc.value)
+                    checked += 1
+    assert checked >= 3 * 10
+
+
 def test_rgba_gray_and_out_of_range_images_are_handled_as_documented(nodes):
     tile, untile, fix = nodes.NSARMTile(), nodes.NSARMUntile(), nodes.NSARMColorFix()
     rgb = torch.rand(2, 40, 56, 3)
