@@ -1,18 +1,17 @@
 """Shared canvas vs independent tiles: time, memory, preview cost and seam scores.
 
-    python scripts/bench_tiling.py [--models DIR] [--size 480] [--photos 3] [--device cpu]
+    python scripts/bench_tiling.py [--models DIR] [--images DIR] [--size 480] [--photos 3] [--device cpu]
 
 Without --models, tiny random models are made in a temporary folder (then the images are noise
-and only the mechanism is measured). Inputs: the first --photos images of ../shared/testsets (or
-$NSARM_SHARED/testsets) resized to --size x --size (bicubic), so that they need several 256 px
-tiles. Prints, per mode: wall time split into sampling / decode / colour fix (from the progress
+and only the mechanism is measured). Inputs: --photos PNG images spread over the folder --images
+(searched recursively; default: the repository's examples/demo.png) resized to --size x --size
+(bicubic), so that they need several 256 px tiles. Prints, per mode: wall time split into sampling / decode / colour fix (from the progress
 callback), the tensor-memory peak, and the seam score of `tiling.seam_score` at the tile seams;
 then the cost of one preview against the mean time of one scale step.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -33,12 +32,15 @@ from nsarm_nodes.pipeline import N_SCALES, load_pipeline  # noqa: E402
 from nsarm_nodes.testing import make_tiny_models  # noqa: E402
 
 MODES = ("independent", "shared")
+DEMO_IMAGE = ROOT / "examples" / "demo.png"
 PREVIEW_REPEATS = 50
 
 
-def photos(count: int, size: int) -> list[tuple[str, torch.Tensor]]:
-    shared = Path(os.environ.get("NSARM_SHARED", ROOT.parent / "shared")) / "testsets"
-    files = sorted(shared.glob("*/*.png"))[:: max(1, len(sorted(shared.glob("*/*.png"))) // count)][:count]
+def photos(source: Path, count: int, size: int) -> list[tuple[str, torch.Tensor]]:
+    found = [source] if source.is_file() else sorted(source.rglob("*.png"))
+    if not found:
+        raise SystemExit(f"error: no PNG images in {source}")
+    files = found[:: max(1, len(found) // count)][:count]
     out = []
     for path in files:
         with Image.open(path) as im:
@@ -99,7 +101,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", help="models folder (default: tiny random models)")
     p.add_argument("--size", type=int, default=480, help="LR side of the test images (default 480: 2x2 tiles)")
-    p.add_argument("--photos", type=int, default=3)
+    p.add_argument("--images", type=Path, default=DEMO_IMAGE, help="a PNG or a folder of PNGs (default: the demo image)")
+    p.add_argument("--photos", type=int, default=3, help="how many images of --images")
     p.add_argument("--tile-batch-size", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=1)
@@ -111,7 +114,7 @@ def main(argv=None) -> int:
             models = tmp
             make_tiny_models(models)
         pipe = load_pipeline(models, device=device, text_encoder=args.models is None)
-        images = photos(args.photos, args.size)
+        images = photos(args.images, args.photos, args.size)
         pipe(images[0][1][:, :256, :256], seed=0, color_fix="none")  # warm-up
         rows = []
         for name, image in images:
