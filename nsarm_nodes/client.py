@@ -18,7 +18,9 @@ Nothing the server sends is trusted: every answer is checked for the shape it mu
 malformed one is a ComfyClientError naming the request, never a traceback), answers and messages
 are size-limited, ``timeout`` is one deadline for the whole job that a slow or trickling server
 cannot stretch (each request is cut off when it runs out), and the file names it reports are
-reduced to plain names inside ``out_dir``.
+reduced to plain names inside ``out_dir``. Binary preview frames (the sampler's live previews) are
+checked the same way and reported as ``preview`` events (format, size, node); their image bytes are
+never kept or written.
 """
 from __future__ import annotations
 

@@ -333,3 +333,41 @@ def test_server_file_names_become_plain_names(name):
     safe = client._safe_name(name)
     assert safe and safe == Path(safe).name and "/" not in safe and "\\" not in safe
     assert not safe.startswith(".") and safe.isprintable() and len(safe) <= client.MAX_NAME_CHARS + 1
+
+
+def _frame(event: int, field: int, rest: bytes) -> bytes:
+    return event.to_bytes(4, "big") + field.to_bytes(4, "big") + rest
+
+
+def test_preview_frames_are_reported_not_kept():
+    jpeg = b"\xff\xd8\xff" + b"x" * 100
+    assert client.parse_preview_frame(_frame(1, 1, jpeg)) == {"type": "preview", "format": "jpeg", "bytes": 103,
+                                                              "node": None}
+    meta = json.dumps({"image_type": "image/png", "node_id": "12", "prompt_id": "abc"}).encode()
+    assert client.parse_preview_frame(_frame(4, len(meta), meta + b"png")) == {
+        "type": "preview", "format": "png", "bytes": 3, "node": "12"}
+    assert client.parse_preview_frame(_frame(4, 10**6, meta)) is None  # metadata longer than the frame
+    assert client.parse_preview_frame(_frame(4, 2, b"[]img"))["format"] == "unknown"  # metadata not a dict
+    hostile = json.dumps({"image_type": "image/../../x\n" + "a" * 500, "node_id": ["7"]}).encode()
+    event = client.parse_preview_frame(_frame(4, len(hostile), hostile))
+    assert event["node"] is None and len(event["format"]) <= client.MAX_FIELD_CHARS and event["format"].isprintable()
+    assert client.parse_preview_frame(_frame(3, 0, b"text")) is None  # other binary events
+    assert client.parse_preview_frame(b"\x00\x00\x00\x01") is None
+    assert client.format_progress(client.parse_preview_frame(_frame(1, 1, jpeg))) is None  # no line printed
+
+
+@settings(max_examples=300, deadline=None)
+@given(event=st.sampled_from([1, 2, 3, 4, 0, 2**32 - 1]), field=st.integers(0, 2**32 - 1) | st.integers(0, 64),
+       meta=ANY_JSON, raw=st.binary(max_size=40), image=st.binary(max_size=20), use_json=st.booleans())
+def test_preview_frame_parsing_fuzz(event, field, meta, raw, image, use_json):
+    body = json.dumps(meta).encode() if use_json else raw
+    for payload in (_frame(event, field, body + image), _frame(event, len(body), body + image), raw):
+        parsed = client.parse_preview_frame(payload)
+        if parsed is None:
+            continue
+        assert set(parsed) == {"type", "format", "bytes", "node"} and parsed["type"] == "preview"
+        assert isinstance(parsed["format"], str) and parsed["format"].isprintable()
+        assert 0 < len(parsed["format"]) <= client.MAX_FIELD_CHARS
+        assert isinstance(parsed["bytes"], int) and 0 <= parsed["bytes"] <= len(payload) - 8
+        assert parsed["node"] is None or (isinstance(parsed["node"], str) and parsed["node"].isprintable()
+                                          and len(parsed["node"]) <= client.MAX_FIELD_CHARS)
