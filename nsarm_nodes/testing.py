@@ -118,6 +118,7 @@ def make_tiny_models(models_dir: str | os.PathLike, seed: int = 0, *, overwrite:
     foreign = [p for p in existing if _marker_seed(p) != str(seed)]
     if len(existing) == len(paths) and not foreign:
         return paths  # already there
+    keep = set(existing) - set(foreign) if not overwrite else set()  # this seed's models: left as they are
     if foreign and not overwrite:
         raise FileExistsError(errno.EEXIST, "already exists; pass --overwrite to replace it (the tiny random "
                               "models would take its place) or choose another folder", str(foreign[0]))
@@ -130,14 +131,17 @@ def make_tiny_models(models_dir: str | os.PathLike, seed: int = 0, *, overwrite:
     for key, module in (("transformer", transformer), ("vae", vae)):
         sd = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
         blob = save(sd, metadata={TEST_MODEL_MARKER: str(seed)})
-        write_new_file(paths[key], lambda fh, blob=blob: fh.write(blob), overwrite=True)
+        if paths[key] not in keep:
+            write_new_file(paths[key], lambda fh, blob=blob: fh.write(blob), overwrite=True)
         # The released name: a torch.save dict whose one non-tensor entry (the marker, which loaders skip
         # as they skip the training state of the released files) says it is ours.
         marked = {**sd, TEST_MODEL_MARKER: str(seed)}
-        write_new_file(paths[f"{key} (released name)"], lambda fh, marked=marked: torch.save(marked, fh),
-                       overwrite=True)
-    _replace_folder(paths["text encoder"], lambda tmp: build_tiny_t5(tmp, d_model=preset.transformer.text_channels,
-                                                                       seed=seed), str(seed))
+        if paths[f"{key} (released name)"] not in keep:
+            write_new_file(paths[f"{key} (released name)"], lambda fh, marked=marked: torch.save(marked, fh),
+                           overwrite=True)
+    if paths["text encoder"] not in keep:
+        _replace_folder(paths["text encoder"],
+                        lambda tmp: build_tiny_t5(tmp, d_model=preset.transformer.text_channels, seed=seed), str(seed))
     return paths
 
 

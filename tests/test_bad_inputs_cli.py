@@ -253,6 +253,38 @@ def test_make_test_models_never_replaces_other_files(tmp_path):
     assert not (tmp_path / "models" / "nsarm").exists()
 
 
+def test_make_test_models_released_names_are_ours_or_left_alone(tmp_path):
+    """The tiny weights under the released .pth names (which the shipped workflows load) hold the same
+    tensors as the safetensors; a user's NSARM.pth is never replaced without overwrite; a folder made
+    before the .pth names existed is completed without rewriting its other files."""
+    from nsarm_nodes.loading import read_checkpoint, unwrap
+
+    root = tmp_path / "m"
+    (root / "nsarm").mkdir(parents=True)
+    real = root / "nsarm" / "NSARM.pth"
+    real.write_bytes(b"35 GB of real weights")
+    with pytest.raises(FileExistsError) as exc:
+        make_tiny_models(root)
+    assert exc.value.filename == str(real) and real.read_bytes() == b"35 GB of real weights"
+    assert [p.name for p in root.rglob("*")] == ["nsarm", "NSARM.pth"]
+    real.unlink()
+    paths = make_tiny_models(root)
+    for role in ("transformer", "vae"):
+        pth = unwrap(read_checkpoint(paths[f"{role} (released name)"]), (), "pth")
+        st = load_file(str(paths[role]))
+        assert set(pth) == set(st) and all(torch.equal(pth[k], st[k]) for k in st)
+    stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    assert make_tiny_models(root) == paths  # the same seed's models are there: nothing is written
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == stamps
+    paths["vae (released name)"].unlink()
+    make_tiny_models(root)
+    assert paths["vae (released name)"].is_file()
+    stamps.pop(paths["vae (released name)"])
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and p in stamps} == stamps
+    with pytest.raises(FileExistsError):
+        make_tiny_models(root, seed=1)  # another seed's models are not ours to replace
+
+
 def test_saved_images_follow_the_extension_and_the_umask(tmp_path):
     img = torch.rand(40, 50, 3)
     old = os.umask(0o027)
