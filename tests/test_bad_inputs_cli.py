@@ -111,6 +111,7 @@ def models(tmp_path_factory) -> Path:
     (["--dtype", "fp64"], "--dtype"),
     (["--color-fix", "magic"], "--color-fix"),
     (["--blend", "soft"], "--blend"),
+    (["--tiling", "diagonal"], "--tiling"),
 ])
 def test_upscale_options_are_checked_first(argv, flag, tmp_path):
     # the models folder does not exist: an option checked late would report missing weights instead
@@ -136,6 +137,7 @@ def test_upscale_options_are_checked_first(argv, flag, tmp_path):
     (["upscale-dir", "in", "out", "--models", "m", "--ray", "4"], "--ray"),  # meant --workers 4
     (["upscale-dir", "in", "out", "--models", "m", "--ray=ray://"], "--ray"),
     (["upscale-dir", "in", "out", "--models", "m", "--tau", "nan"], "--tau"),
+    (["upscale-dir", "in", "out", "--models", "m", "--tiling", "Shared"], "--tiling"),
     (["upscale-dir", "in", "out", "--models", "m", "--max-pixels", "0"], "--max-pixels"),
 ])
 def test_other_commands_check_their_options(argv, flag, tmp_path, monkeypatch):
@@ -441,6 +443,8 @@ def test_damaged_checkpoints_are_one_line_errors(models, tmp_path):
         "truncated.pth": (dict(transformer=files / "truncated.pth"), ["not a readable PyTorch checkpoint"]),
         "vae_4ch.pth": (dict(vae=files / "vae_4ch.pth"),
                         ["infinity_vae_d56_f8_14_patchify.pth", key, "[32, 4, 3, 3], expected [32, 3, 3, 3]"]),
+        "swapped": (dict(transformer=models / "nsarm" / "infinity_vae_d56_f8_14_patchify.pth",
+                         vae=models / "nsarm" / "NSARM.pth"), ["checkpoint and vae are swapped", "other way round"]),
     }
     for name, (kind, needles) in cases.items():
         folder = _models_with(models, tmp_path / name, **kind)
