@@ -4,7 +4,7 @@
 
 Without --models, tiny random models are made in a temporary folder (then the images are noise
 and only the mechanism is measured). Inputs: --photos PNG images spread over the folder --images
-(searched recursively; default: the repository's examples/demo.png) resized to --size x --size
+(searched recursively; default: the repository's assets/demo.png) resized to --size x --size
 (bicubic), so that they need several 256 px tiles. Prints, per mode: wall time split into sampling / decode / colour fix (from the progress
 callback), the tensor-memory peak, and the seam score of `tiling.seam_score` at the tile seams;
 then the cost of one preview against the mean time of one scale step.
@@ -32,7 +32,7 @@ from nsarm_nodes.pipeline import N_SCALES, load_pipeline  # noqa: E402
 from nsarm_nodes.testing import make_tiny_models  # noqa: E402
 
 MODES = ("independent", "shared")
-DEMO_IMAGE = ROOT / "examples" / "demo.png"
+DEMO_IMAGE = ROOT / "assets" / "demo.png"
 PREVIEW_REPEATS = 50
 
 

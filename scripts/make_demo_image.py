@@ -1,4 +1,4 @@
-"""Render examples/demo.png: a small procedural landscape for the README quick start and the tests.
+"""Render assets/demo.png: a small procedural landscape for the README quick start and the tests.
 
     python scripts/make_demo_image.py [OUT.png]
 
@@ -21,7 +21,7 @@ SIZE = 256  # output side (the NSARM LR tile)
 OVERSAMPLE = 2  # rendered at 2x, then downsampled with a Lanczos filter
 SEED = 20251001
 HORIZON = 0.58  # lake surface, as a fraction of the height
-OUT = Path(__file__).resolve().parents[1] / "examples" / "demo.png"
+OUT = Path(__file__).resolve().parents[1] / "assets" / "demo.png"
 
 
 def fractal_noise(rng: np.random.Generator, shape: tuple[int, int], octaves: int, base: int,

@@ -1,5 +1,5 @@
 """Shared test fixtures: the reference vectors in tests/golden (see tests/golden/README.md) and the
-demo image in examples/ (see scripts/make_demo_image.py). Both ship with the repository, so the
+demo image in assets/ (see scripts/make_demo_image.py). Both ship with the repository, so the
 suite needs nothing beside the checkout."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
 KEYS = GOLDEN / "keys"  # key names and shapes of the released checkpoints
-DEMO_IMAGE = ROOT / "examples" / "demo.png"
+DEMO_IMAGE = ROOT / "assets" / "demo.png"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -50,5 +50,5 @@ def u8_to_unit(img_u8: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def demo_image() -> Path:
-    """Our procedurally rendered demo photo (examples/demo.png)."""
+    """Our procedurally rendered demo photo (assets/demo.png)."""
     return DEMO_IMAGE

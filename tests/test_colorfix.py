@@ -24,7 +24,7 @@ U8_MAX_DIFF = 2
 U8_MAX_FRACTION = 0.04
 FLOAT_VS_U8_ATOL = 2 / 255  # float chain vs the uint8-truncating upstream chain
 POOL = 16
-# Two views of the demo photo (examples/demo.png): all of it, and a 2x crop of the shore.
+# Two views of the demo photo (assets/demo.png): all of it, and a 2x crop of the shore.
 DEMO_VIEWS = ((0, 0, 256, 256), (64, 120, 192, 248))
 
 

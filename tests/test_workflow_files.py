@@ -36,6 +36,14 @@ def test_every_template_has_a_current_thumbnail_and_description(name):
         f"{thumb} is stale: run python scripts/render_thumbnails.py"
 
 
+def test_workflows_is_the_only_template_folder():
+    """ComfyUI (0.3.6x) serves a pack's templates from the first of these folders that exists (one static
+    route per folder, all at /api/workflow_templates/<pack>/): another one, even without workflows in
+    it, would hide workflows/ from the templates browser."""
+    others = [name for name in ("example_workflows", "example", "examples", "workflow") if (ROOT / name).exists()]
+    assert not others, f"{others}: ComfyUI would serve templates from there instead of workflows/"
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_saved_layout_has_no_overlapping_nodes(name):
     nodes = json.loads((WORKFLOWS / f"{name}.json").read_text())["nodes"]
