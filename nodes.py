@@ -33,8 +33,9 @@ try:  # loaded by ComfyUI as a package
     from .nsarm_nodes.lowvram import estimate_for
     from .nsarm_nodes.config import DEFAULT_PROMPT
     from .nsarm_nodes.pipeline import N_SCALES, NSARMPipeline, check_model_pair
+    from .nsarm_nodes.precision import resolve_dtype
     from .nsarm_nodes.sampler import sample, transformation_bits
-    from .nsarm_nodes.text import PromptCache, PromptEmbeds, T5TextEncoder
+    from .nsarm_nodes.text import PromptCache, PromptEmbeds, T5TextEncoder, negative_or_none
     from .nsarm_nodes.tiled_decode import decode_tiled
     from .nsarm_nodes.transformer import load_transformer
     from .nsarm_nodes.vae import load_vae
@@ -45,8 +46,9 @@ except ImportError:  # loaded by path (headless runner, tests)
     from nsarm_nodes.lowvram import estimate_for
     from nsarm_nodes.config import DEFAULT_PROMPT
     from nsarm_nodes.pipeline import N_SCALES, NSARMPipeline, check_model_pair
+    from nsarm_nodes.precision import resolve_dtype
     from nsarm_nodes.sampler import sample, transformation_bits
-    from nsarm_nodes.text import PromptCache, PromptEmbeds, T5TextEncoder
+    from nsarm_nodes.text import PromptCache, PromptEmbeds, T5TextEncoder, negative_or_none
     from nsarm_nodes.tiled_decode import decode_tiled
     from nsarm_nodes.transformer import load_transformer
     from nsarm_nodes.vae import load_vae
@@ -182,13 +184,6 @@ def _output_device() -> torch.device:
 def _interrupt_check() -> None:
     if mm is not None:
         mm.throw_exception_if_processing_interrupted()
-
-
-def _block_dtype(choice: str, device: torch.device) -> torch.dtype:
-    if choice == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,11 +363,12 @@ class NSARMModelLoader:
             "weight_format": widget("weight_format"),
             "blocks_on_cpu": widget("blocks_on_cpu"),
             "offload_text_and_map": widget("offload_text_and_map"),
+            "strict": widget("strict"),
         }}
 
     @_checked
     def load(self, checkpoint, vae, text_encoder, dtype, attention, weight_format="dense", blocks_on_cpu=0,
-             offload_text_and_map=False):
+             offload_text_and_map=False, strict=False):
         load_device = _device()
         # Streamed (swapped / offloaded) weights manage their own placement: they are loaded for the
         # compute device directly and kept out of ComfyUI's model manager, which would move them all.
@@ -380,9 +376,10 @@ class NSARMModelLoader:
         home = load_device if self_managed else _offload_device()
         check_model_pair(_resolve(MODELS_FOLDER, checkpoint), _resolve(MODELS_FOLDER, vae))  # headers only
         transformer = load_transformer(_resolve(MODELS_FOLDER, checkpoint), device=home,
-                                       dtype=_block_dtype(dtype, load_device), weight_format=weight_format,
-                                       blocks_on_cpu=blocks_on_cpu, offload_text_and_map=offload_text_and_map)
-        vae_model = load_vae(_resolve(MODELS_FOLDER, vae), device=home)
+                                       dtype=resolve_dtype(dtype, load_device), weight_format=weight_format,
+                                       blocks_on_cpu=blocks_on_cpu, offload_text_and_map=offload_text_and_map,
+                                       strict=strict)
+        vae_model = load_vae(_resolve(MODELS_FOLDER, vae), device=home, strict=strict)
         encoder = None
         if text_encoder != CACHED_PROMPTS_ONLY:
             text_device = mm.text_encoder_device() if mm is not None else load_device
@@ -490,7 +487,8 @@ class NSARMBitwiseDecode:
         n = scales.images.shape[0]
         if cond.batch_size not in (1, n):
             raise ValueError(f"cond holds {cond.batch_size} prompts for {n} images: give one prompt or one per image")
-        sampling = dict(tau=tau, top_p=top_p, cfg=cfg, next_scale_mode=mode, negative_text=negative if cfg != 1.0 else None)
+        negative = negative_or_none(negative) if cfg != 1.0 else None  # blank: the learned unconditional rows
+        sampling = dict(tau=tau, top_p=top_p, cfg=cfg, next_scale_mode=mode, negative_text=negative)
         progress = _Progress()
         if scales.grid is not None:  # one shared canvas per image, phase by phase (each phase one batch)
             return (self._decode_canvas(model, scales, cond, seed, progress, sampling),)

@@ -230,11 +230,10 @@ def cmd_upscale(args) -> int:
 
     from . import tiling
     from .canvas import plan_grid
-    from .options import torch_dtype
     from .pipeline import load_pipeline
 
-    pipe = load_pipeline(args.models, device=args.device, dtype=torch_dtype(args.dtype),
-                         text_encoder=not args.cached_prompts_only)
+    pipe = load_pipeline(args.models, device=args.device, dtype=args.dtype,
+                         text_encoder=not args.cached_prompts_only, strict=args.strict)
     for src, image, out in zip(inputs, images, outputs):
         _, h, w, _ = image.shape
         t0 = time.perf_counter()
@@ -274,7 +273,7 @@ def cmd_upscale_dir(args) -> int:
                            gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker)
     summary = run_folder_job(
         args.in_dir, args.out_dir, args.models, pipe_kwargs=pipeline_kwargs(args), seed=args.seed, device=device,
-        dtype=args.dtype, cached_prompts_only=args.cached_prompts_only, max_pixels=args.max_pixels,
+        dtype=args.dtype, strict=args.strict, cached_prompts_only=args.cached_prompts_only, max_pixels=args.max_pixels,
         overwrite=args.overwrite, retry_failed=args.retry_failed, engine=engine, dry_run=args.dry_run,
         verbose=args.verbose)
     return summary.exit_code
@@ -444,6 +443,7 @@ def add_upscale_options(p: argparse.ArgumentParser, local_device: bool = True) -
         add_argument(p, "device", type=str, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu); "
                      "with --ray: cuda or cpu (Ray gives each worker its GPU)")
     add_argument(p, "dtype")
+    add_argument(p, "strict")
     p.add_argument("--cached-prompts-only", action="store_true", help="do not load T5; use cached prompts")
 
 

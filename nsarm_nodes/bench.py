@@ -56,7 +56,7 @@ def add_cli_commands(sub) -> None:
     b.add_argument("--models", default=None, help="models folder with real weights (ComfyUI layout)")
     b.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     b.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="block compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+                   help="block compute dtype (auto: bf16 on CUDA GPUs with bf16, else fp32; as upscale)")
     b.add_argument("--weight-format", choices=("dense", "fp8"), default="dense")
     b.add_argument("--blocks-on-cpu", type=int, default=0, help="block swapping: blocks kept in CPU memory")
     b.add_argument("--offload-text-and-map", action="store_true",
@@ -472,6 +472,7 @@ def run_bench(o: BenchOptions) -> dict:
     from . import sampler as sampler_mod
     from .config import NUM_REPLACED_SCALES
     from .pipeline import NSARMPipeline
+    from .precision import resolve_dtype
     from .schedule import output_pixels, scale_schedule, token_counts
     from .text import PromptEmbeds
 
@@ -479,8 +480,7 @@ def run_bench(o: BenchOptions) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {o.device}: CUDA is not available on this machine")
     _check_options(o, device)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(o.dtype) or (
-        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolve_dtype(o.dtype, device)
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = False  # the reference numerics; bf16 matmuls unaffected
@@ -729,9 +729,10 @@ def equivalence_checks(o: BenchOptions, depth: int) -> dict:
 
     device = torch.device(o.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     _check_options(o, device)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(o.dtype) or (
-        torch.bfloat16 if device.type == "cuda" else torch.float32)
     from .pipeline import NSARMPipeline
+    from .precision import resolve_dtype
+
+    dtype = resolve_dtype(o.dtype, device)
     from .sampler import sample
     from .schedule import scale_schedule
 

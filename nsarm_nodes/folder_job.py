@@ -216,13 +216,14 @@ def job_params(pipe_kwargs: dict, seed: int, dtype: str, model_files: dict[str, 
     import inspect
 
     from .pipeline import NSARMPipeline
+    from .text import negative_or_none
 
     defaults = {name: p.default for name, p in inspect.signature(NSARMPipeline.__call__).parameters.items()
                 if p.default is not inspect.Parameter.empty and name not in ("seed", "progress", "preview")}
     params = {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v  # 4 and 4.0 alike
               for k, v in sorted({**defaults, **pipe_kwargs}.items()) if k not in EXECUTION_ONLY}
-    if params.get("cfg", 1.0) == 1.0:
-        params["negative_prompt"] = None  # unused without guidance
+    if params.get("cfg", 1.0) == 1.0 or negative_or_none(params.get("negative_prompt")) is None:
+        params["negative_prompt"] = None  # unused without guidance; blank = none (the same pixels)
     params.update(seed=int(seed), seed_rule="sha256-path/1", dtype=dtype,
                   models={role: fingerprint(path) for role, path in sorted(model_files.items())})
     return params
@@ -284,6 +285,7 @@ class JobSpec:
     key: str
     device: str | None = None
     dtype: str = "auto"
+    strict: bool = False  # refuse checkpoints with unused tensors (they never change the output)
     cached_prompts_only: bool = False
     overwrite: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS  # input images above this are refused before decoding
@@ -311,14 +313,13 @@ class ImageWorker:
     def __init__(self, spec: JobSpec):
         import torch
 
-        from .options import torch_dtype
         from .pipeline import load_pipeline
 
         if spec.threads:
             torch.set_num_threads(spec.threads)
         self.spec = spec
-        self.pipe = load_pipeline(spec.models, device=spec.device, dtype=torch_dtype(spec.dtype),
-                                  text_encoder=not spec.cached_prompts_only)
+        self.pipe = load_pipeline(spec.models, device=spec.device, dtype=spec.dtype,
+                                  text_encoder=not spec.cached_prompts_only, strict=spec.strict)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.finished = 0
 
@@ -667,7 +668,8 @@ def _clean_debris(out_dir: Path, outputs: Iterable[Path]) -> None:
 
 
 def run_folder_job(in_dir, out_dir, models, *, pipe_kwargs: dict, seed: int = 1, device: str | None = None,
-                   dtype: str = "auto", cached_prompts_only: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   dtype: str = "auto", strict: bool = False, cached_prompts_only: bool = False,
+                   max_pixels: int = DEFAULT_MAX_PIXELS,
                    overwrite: bool = False, retry_failed: bool = False, engine: Embedded | RayEngine | None = None,
                    dry_run: bool = False, verbose: bool = False, stdout=None, stderr=None) -> JobSummary:
     """Upscale every image under `in_dir` into `out_dir` (see the module docstring). `pipe_kwargs`:
@@ -755,7 +757,7 @@ def run_folder_job(in_dir, out_dir, models, *, pipe_kwargs: dict, seed: int = 1,
               file=stderr, flush=True)
         t0 = time.perf_counter()
         spec = JobSpec(str(in_dir), str(out_dir), str(models), dict(pipe_kwargs), params, key, device=device,
-                       dtype=dtype, cached_prompts_only=cached_prompts_only, overwrite=overwrite,
+                       dtype=dtype, strict=strict, cached_prompts_only=cached_prompts_only, overwrite=overwrite,
                        max_pixels=max_pixels)
         stop: KeyboardInterrupt | None = None
         try:
@@ -799,10 +801,10 @@ def _run_engine(engine, spec: JobSpec, pending: list[Item], summary: JobSummary,
 
 
 def _check_cached_prompts(models: Path, pipe_kwargs: dict) -> None:
-    from .text import PromptCache, PromptNotCachedError, encode_prompts
+    from .text import PromptCache, PromptNotCachedError, encode_prompts, negative_or_none
 
     prompts = [pipe_kwargs.get("prompt")]
-    if pipe_kwargs.get("cfg", 1.0) != 1.0 and pipe_kwargs.get("negative_prompt") is not None:
+    if pipe_kwargs.get("cfg", 1.0) != 1.0 and negative_or_none(pipe_kwargs.get("negative_prompt")) is not None:
         prompts.append(pipe_kwargs["negative_prompt"])
     try:
         encode_prompts([p for p in prompts if p is not None], None, PromptCache(models / "nsarm_prompt_cache"))

@@ -8,8 +8,12 @@ shape and dtype from the file headers and reads a tensor only when it is indexed
 
 Models are built on the `meta` device and then materialised tensor by tensor from the (memory
 mapped or lazy) checkpoint in the target dtype and device, so at most one source tensor is in RAM
-at a time and the full-precision checkpoint is never held in RAM or VRAM. Coverage is strict:
-missing, unexpected or shape-mismatched keys raise `CheckpointError` naming the file.
+at a time and the full-precision checkpoint is never held in RAM or VRAM. Coverage: missing or
+shape-mismatched keys raise `CheckpointError` naming the file; unexpected keys (e.g. training
+leftovers: upstream loads NSARM.pth with strict=False) are ignored with one `UnexpectedKeysWarning`
+naming how many and the first few, or refused with `strict=True`. Every floating-point tensor is
+checked for NaN / inf as it is read (after its dtype conversion, before any post-processing such
+as quantisation), so a damaged file is refused naming the file and the key, without a second pass.
 
 `write_safetensors` streams tensors into a .safetensors file one at a time (the header is computed
 from shapes first), atomically (temporary file + os.replace).
@@ -22,6 +26,7 @@ import os
 import pickle
 import struct
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +44,10 @@ Source = "str | os.PathLike | Mapping[str, torch.Tensor]"
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: wrong kind, unreadable, or keys that do not fit."""
+
+
+class UnexpectedKeysWarning(UserWarning):
+    """A checkpoint holds tensors the model does not use; they were ignored (strict=False)."""
 
 
 def describe(src) -> str:
@@ -366,6 +375,11 @@ class Coverage:
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
 
+    @property
+    def loadable(self) -> bool:
+        """Every tensor of the model is present with its shape (unexpected extras are allowed)."""
+        return not (self.missing or self.mismatched)
+
     def summary(self) -> str:
         def head(items) -> str:
             more = f" ... (+{len(items) - MAX_LISTED_KEYS} more)" if len(items) > MAX_LISTED_KEYS else ""
@@ -381,9 +395,27 @@ class Coverage:
             parts.append(f"{len(self.mismatched)} shape mismatch(es): {head(rows)}")
         return "; ".join(parts) or "all keys match"
 
+    def unexpected_summary(self) -> str:
+        return Coverage(unexpected=self.unexpected).summary()
 
-def coverage(expected: Mapping[str, tuple[int, ...]], sd: Mapping[str, torch.Tensor]) -> Coverage:
-    """Compare key sets and shapes (shapes of a lazy state dict come from its headers)."""
+
+def check_coverage(cov: Coverage, *, source: str, kind: str, strict: bool) -> None:
+    """Missing or mis-shaped keys (and, with `strict`, unexpected ones) raise `CheckpointError`
+    naming the file; unexpected keys otherwise give one `UnexpectedKeysWarning`."""
+    if not cov.loadable or (strict and cov.unexpected):
+        fix = " (drop the extra tensors, or load without strict to ignore them)" if cov.loadable else ""
+        raise CheckpointError(f"{source}: does not fit the {kind}: {cov.summary()}{fix}")
+    if cov.unexpected:
+        warnings.warn(f"{source}: ignoring tensors the {kind} does not use: {cov.unexpected_summary()} "
+                      f"(strict loading refuses such files)", UnexpectedKeysWarning, stacklevel=3)
+
+
+def coverage(expected: Mapping[str, tuple[int, ...]], sd: Mapping[str, torch.Tensor],
+             defaults: Mapping[str, torch.Tensor] | None = None) -> Coverage:
+    """Compare key sets and shapes (shapes of a lazy state dict come from its headers; nothing is
+    read). `defaults` fill keys a checkpoint may lack (as in `materialize`)."""
+    if defaults:
+        sd = _Merged(sd, defaults)
     cov = Coverage()
     for k, shape in expected.items():
         if k not in sd:
@@ -420,6 +452,30 @@ class _Merged(Mapping):
         return dtype_of(self.sd, key) if key in self.sd else self.defaults[key].dtype
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN / inf in `t`, with one reduction and one host read. A sum is non-finite whenever an
+    element is (NaN and inf propagate through any summation order) and costs ~1/10 of the tensor's
+    dtype conversion on the CPU, where an elementwise isfinite costs 3-5x the conversion (measured
+    on a 3584 x 14336 tensor, one thread). Only a non-finite sum (a bad element, or a sum of finite
+    values beyond the dtype's range, e.g. fp16 past 65504) is settled by the exact elementwise test."""
+    if t.element_size() == 1:  # float8 (sums are not implemented for it): widening keeps NaN
+        t = t.to(torch.bfloat16)
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def non_finite_error(source: str, kind: str, name: str, stored: torch.Tensor, dtype: torch.dtype) -> CheckpointError:
+    """The error for tensor `name` that is not finite once converted to `dtype`: NaN / inf in the
+    file (a damaged download or a diverged training run), or finite values beyond `dtype`'s range."""
+    count = int((~torch.isfinite(stored)).sum()) if stored.is_floating_point() else 0
+    if count:
+        return CheckpointError(
+            f"{source}: tensor {name} of the {kind} holds {count} NaN/inf value(s) of {stored.numel()}; the file is "
+            f"damaged (or from a diverged training run): download it again and compare its size / md5")
+    return CheckpointError(
+        f"{source}: tensor {name} of the {kind} overflows {str(dtype).removeprefix('torch.')} (largest |value| "
+        f"{float(stored.float().abs().max()):.3g}); load it in bf16 or fp32 instead")
+
+
 def materialize(
     module: nn.Module,
     sd: Mapping[str, torch.Tensor],
@@ -429,7 +485,7 @@ def materialize(
     device: torch.device | str = "cpu",
     dtype_for: Callable[[str, torch.Tensor], torch.dtype] | None = None,
     defaults: Mapping[str, torch.Tensor] | None = None,
-    strict: bool = True,
+    strict: bool = False,
     transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> Coverage:
     """Fill a module built on the `meta` device from `sd`, tensor by tensor.
@@ -437,17 +493,19 @@ def materialize(
     `defaults` supplies tensors for keys a checkpoint may legitimately lack (e.g. all-zero bias
     buffers); `dtype_for(name, tensor)` picks the stored dtype per tensor (default: keep floats as
     in the file, except that integer buffers always keep their dtype). `transform(name, tensor)`,
-    when given, post-processes each tensor after it reached `device` / its dtype (e.g. fp8
-    quantisation, or moving a block back to pinned CPU memory for block swapping).
+    when given, post-processes each tensor after it reached `device` / its dtype and passed the
+    finiteness check (e.g. quantisation, or moving a block back to pinned CPU memory for block
+    swapping). Coverage as in `check_coverage` (unexpected keys: a warning, or with `strict` an error).
 
     Only one checkpoint tensor is read (and converted) at a time: a lazy or memory-mapped `sd` is
-    never copied as a whole.
+    never copied as a whole. Each floating-point tensor is checked for NaN / inf right after its
+    conversion (one reduction and one host read per tensor: on a GPU the copy from host memory
+    synchronises anyway), which also catches values that overflow the target dtype (fp16).
     """
     merged = _Merged(sd, dict(defaults or {}))
     expected = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
     cov = coverage(expected, merged)
-    if strict and not cov.ok:
-        raise CheckpointError(f"{source}: does not fit the {kind}: {cov.summary()}")
+    check_coverage(cov, source=source, kind=kind, strict=strict)
     targets = dict(module.named_parameters()) | dict(module.named_buffers())
     for name, target in targets.items():
         if name not in merged:
@@ -457,6 +515,8 @@ def materialize(
             dtype_for(name, value) if dtype_for else value.dtype
         )
         new = value.to(device=device, dtype=dtype, copy=True).contiguous()
+        if new.is_floating_point() and not _all_finite(new):
+            raise non_finite_error(source, kind, name, value, new.dtype)
         del value
         if transform is not None:
             new = transform(name, new)

@@ -30,7 +30,7 @@ BLEND_MODES = ("cosine", "linear", "none")
 TILING_MODES = ("shared", "independent")
 NEXT_SCALE_MODES = ("area", "trilinear")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
-TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # auto: the loader decides
+TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # auto: precision.resolve_dtype
 ATTENTION_KERNELS = ("auto", "math")
 WEIGHT_FORMATS = ("dense", "fp8")
 # Output image formats by file extension (Pillow format names).
@@ -152,13 +152,6 @@ def parse_device(text: str) -> str:
     return str(device)
 
 
-def torch_dtype(choice: str):
-    """The torch dtype of a --dtype choice; None for auto (the loader picks). Imports torch."""
-    import torch
-
-    return None if choice == "auto" else getattr(torch, TORCH_DTYPE_NAMES[choice])
-
-
 def parse_ray_address(text: str) -> str:
     """--ray ADDRESS: `local` (start a Ray instance here), `auto` (the cluster this machine is part
     of), ray://HOST[:PORT] (Ray Client) or HOST:PORT (a head node's GCS)."""
@@ -232,8 +225,9 @@ TABLE: dict[str, Option] = {o.name: o for o in (
     Option("max_pixels", INT, DEFAULT_MAX_PIXELS, "refuse input images with more pixels than this before "
            "decoding them (decompression-bomb guard)", 1, 2**40),
     # model loading (NSARM Model Loader, upscale)
-    Option("dtype", CHOICE, "auto", "transformer block weights; auto = bf16 on GPUs that support it, else fp32 "
-           "(AdaLN, head and text path stay fp32)", choices=DTYPES),
+    Option("dtype", CHOICE, "auto", "transformer block weights; auto = bf16 on CUDA GPUs with native bf16, fp32 "
+           "on CPU, MPS and older GPUs; fp16 only when chosen (an overflow stops with an error). AdaLN, head and "
+           "text path stay fp32", choices=DTYPES),
     Option("attention", CHOICE, "auto", "auto = PyTorch SDPA picks flash/memory-efficient kernels; math = "
            "reference kernel (slow)", choices=ATTENTION_KERNELS),
     Option("weight_format", CHOICE, "dense", "fp8 = block linear weights stored as float8 e4m3 with a per-tensor "
@@ -242,6 +236,9 @@ TABLE: dict[str, Option] = {o.name: o for o in (
            "of use (less VRAM, slower)", 0, 64),
     Option("offload_text_and_map", BOOLEAN, False, "keep the text path and the transformation network (~2 GB, "
            "used once per run) in CPU memory"),
+    Option("strict", BOOLEAN, False, "refuse checkpoints holding tensors the model does not use (default: one "
+           "warning naming them, and they are ignored, as upstream loads NSARM.pth non-strictly); missing or "
+           "mis-shaped tensors are always an error"),
     Option("device", TEXT, None, "cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)",
            parse=parse_device),
     # ComfyUI server (queue)

@@ -29,7 +29,7 @@ from .preview import LatentPreview
 from .sampler import sample, transformation_bits
 from .schedule import scale_schedule
 from .tiled_decode import decode_tiled
-from .text import PromptCache, PromptEmbeds, T5TextEncoder, encode_prompts
+from .text import PromptCache, PromptEmbeds, T5TextEncoder, encode_prompts, negative_or_none
 
 Progress = Callable[[int, int], None]
 Preview = Callable[[torch.Tensor], None]  # receives uint8 [h, w, 3] (CPU) images
@@ -100,10 +100,32 @@ def missing_models_message(models_dir: Path, roles: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def _coverage_line(role: str, path: Path) -> tuple[str, bool]:
+    """check-models: how `path`'s keys fit the model (keys and shapes only; no tensor data is
+    read) and whether it loads."""
+    from .loading import CheckpointError
+
+    if role == "transformer":
+        from .transformer import checkpoint_coverage
+    else:
+        from .vae import checkpoint_coverage
+    try:
+        cov = checkpoint_coverage(path)
+    except CheckpointError as exc:
+        return f"error: {exc}", False
+    if cov.loadable and cov.unexpected:
+        return (f"loads with a warning: {cov.unexpected_summary()}, ignored (refused with --strict / the "
+                f"loader's strict input)"), True
+    if cov.loadable:
+        return "all keys match", True
+    return f"error: does not fit the {role}: {cov.summary()}", False
+
+
 def check_models(models_dir: str | os.PathLike) -> tuple[str, bool]:
-    """A report of which weight files are present (path, size, format) and what is missing."""
+    """A report of which weight files are present (path, size, format), how each checkpoint's keys
+    fit its model (from the headers / keys only) and what is missing."""
     root = Path(models_dir)
-    rows, missing = [], []
+    rows, missing, ok = [], [], True
     for spec in WEIGHTS:
         path = find_weight(root, spec)
         if path is None:
@@ -114,11 +136,17 @@ def check_models(models_dir: str | os.PathLike) -> tuple[str, bool]:
             fmt = "folder"
         else:
             size, fmt = path.stat().st_size, path.suffix.lstrip(".")
-        rows.append(f"  ok  {spec.role:<13} {path}  ({size / 1e9:.2f} GB, {fmt})")
+        if spec.role in ("transformer", "vae"):
+            line, loads = _coverage_line(spec.role, path)
+            ok = ok and loads
+            rows.append(f"  {'ok ' if loads else 'BAD'} {spec.role:<13} {path}  ({size / 1e9:.2f} GB, {fmt})")
+            rows.append(f"      keys: {line}")
+        else:
+            rows.append(f"  ok  {spec.role:<13} {path}  ({size / 1e9:.2f} GB, {fmt})")
     report = "\n".join(rows)
     if missing:
         report = "\n".join(filter(None, [report, missing_models_message(root, missing)]))
-    return report, not missing
+    return report, ok and not missing
 
 
 def images_to_unit(images: torch.Tensor, name: str = "images") -> torch.Tensor:
@@ -307,7 +335,7 @@ class NSARMPipeline:
         text = self.encode_prompts(prompts).repeat(n)  # one prompt per tile, image-major
         seeds = [seed + i for i in range(B * n)]
         negative = None
-        if negative_prompt is not None and cfg != 1.0:
+        if negative_or_none(negative_prompt) is not None and cfg != 1.0:  # "" = the learned unconditional rows
             negative = self.encode_prompts([negative_prompt])
         sampling = dict(tau=tau, top_p=top_p, cfg=cfg, next_scale_mode=next_scale_mode, negative_text=negative)
         fix = 1 if color_fix != "none" else 0
@@ -363,9 +391,13 @@ def check_model_pair(checkpoint, vae) -> None:
                 f"channels; NSARM / Infinity-8B need infinity_vae_d56_f8_14_patchify.pth (14 channels, 56 bits)")
 
 
-def load_pipeline(models_dir: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
-                  text_encoder: bool = True) -> NSARMPipeline:
+def load_pipeline(models_dir: str | os.PathLike, device=None, dtype: torch.dtype | str | None = None,
+                  text_encoder: bool = True, *, strict: bool = False) -> NSARMPipeline:
     """Find and load NSARM.pth (or safetensors), the d56 VAE and Flan-T5-XL under `models_dir`.
+
+    dtype: of the transformer blocks; None / "auto" = `precision.resolve_dtype`'s policy for
+    `device` (bf16 on CUDA GPUs with bf16, else fp32). strict: refuse checkpoints holding tensors
+    the models do not use (default: one warning; see `load_transformer`).
 
     Layout (ComfyUI's): models_dir/nsarm/NSARM.pth, models_dir/nsarm/infinity_vae_d56_f8_14_patchify.pth,
     models_dir/text_encoders/flan-t5-xl/. Prompt embeddings are cached in models_dir/nsarm_prompt_cache (as inside ComfyUI).
@@ -383,8 +415,8 @@ def load_pipeline(models_dir: str | os.PathLike, device=None, dtype: torch.dtype
         raise MissingModelsError(missing_models_message(root, missing))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     check_model_pair(found["transformer"], found["vae"])
-    transformer = load_transformer(found["transformer"], device=device, dtype=dtype)
-    vae = load_vae(found["vae"], device=device)
+    transformer = load_transformer(found["transformer"], device=device, dtype=dtype, strict=strict)
+    vae = load_vae(found["vae"], device=device, strict=strict)
     encoder = T5TextEncoder(found["text encoder"], device=device) if text_encoder else None
     cache = PromptCache(root / "nsarm_prompt_cache")
     return NSARMPipeline(transformer, vae, encoder, cache)

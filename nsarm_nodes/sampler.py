@@ -10,6 +10,11 @@ Per scale si with (h, w) tokens:
      per bit pair, then a Bernoulli draw from a per-item generator;
   4. summed_codes += upsample(codes of the bits, full latent size).
 
+Guard: the logits of every scale are checked for NaN / inf on the device (a flag per scale, no
+host read in the loop); the flags are read once after the last scale and any non-finite scale
+raises `NonFiniteLogitsError` naming the blocks' dtype and the fix (fp16 overflows in this model;
+bf16 or fp32 do not), so that no plausible-looking wrong image is decoded from all-zero bits.
+
 Two equivalent execution paths: `prefill=True` fills the cache for the K known scales in one
 block-causal forward and skips their head; `prefill=False` steps through them one by one as the
 reference does (and returns their logits, which the reference computes and discards).
@@ -32,6 +37,21 @@ from .quantizer import (
 from .schedule import scale_schedule, token_counts, token_offsets, vae_scales
 
 NEXT_SCALE_MODES = ("area", "trilinear")
+
+
+class NonFiniteLogitsError(ValueError):
+    """The transformer produced NaN / inf logits: fp16 overflow, or NaN / inf in weights or inputs."""
+
+
+def _non_finite_message(transformer, si: int, size: tuple[int, int]) -> str:
+    dtype = getattr(transformer, "block_dtype", None)
+    name = str(dtype).removeprefix("torch.")
+    where = f"the transformer produced NaN/inf logits from scale {si} ({size[0]}x{size[1]} tokens) on, computing in {name}"
+    if dtype == torch.float16:
+        return (f"{where}: float16 overflows in this model's activations. Load the model with dtype bf16 "
+                f"(fp32 on GPUs without bf16; dtype auto picks the right one)")
+    return (f"{where}. Load the model with dtype fp32 (or bf16 on a GPU); if it persists the weights or the "
+            f"prompt features hold NaN/inf: run check-models and download the checkpoint again")
 
 
 @dataclass
@@ -149,6 +169,7 @@ def sample(
     may raise to interrupt. With cfg != 1, `.logits` are the CFG-mixed logits times tau.
     latent_hook(si, summed) -> summed is called after scale si's codes are added to the running
     latent [B, d, H, W] and before the next scale's input is built from it (the shared tile canvas).
+    Raises NonFiniteLogitsError after the last scale when any scale's logits held NaN / inf.
     """
     if next_scale_mode not in NEXT_SCALE_MODES:
         raise ValueError(f"next_scale_mode must be one of {NEXT_SCALE_MODES}, got {next_scale_mode!r}")
@@ -204,6 +225,7 @@ def sample(
     lvl = transformer.lvl_embed.weight.float()
 
     summed = torch.zeros(B, cfgm.codebook_dim, *full, device=device)
+    non_finite = torch.zeros(n_scales, dtype=torch.bool, device=device)  # per scale: NaN / inf in its logits
     bits_out: list[torch.Tensor] = []
     logits_out: list[torch.Tensor] | None = [] if return_logits else None
 
@@ -211,6 +233,10 @@ def sample(
         """Hidden states [bs, L, C] -> (CFG-mixed) logits / tau [B, L, 2n]."""
         lg = transformer.logits(x, cond.sos) / tau
         return cfg * lg[:B] + (1 - cfg) * lg[B:] if use_cfg else lg
+
+    def check(si: int, lg: torch.Tensor) -> None:
+        """Record on the device whether scale si's logits hold NaN / inf (no host read)."""
+        non_finite[si] = ~torch.isfinite(lg).all()
 
     def next_input(si: int) -> torch.Tensor:
         """Input tokens of scale si >= 1 from the running latent: [bs, L, C]."""
@@ -257,6 +283,8 @@ def sample(
         if return_logits:
             lg = head(hidden) * tau
             logits_out.extend(lg[:, offsets[si]:offsets[si] + counts[si]] for si in range(K))
+            for si in range(K):
+                check(si, logits_out[si])
         if progress:
             for si in range(K):
                 progress(si, n_scales)
@@ -273,6 +301,7 @@ def sample(
         sampled = None
         if si >= K or return_logits:
             lg = head(hidden)
+            check(si, lg)
             if logits_out is not None:
                 logits_out.append(lg * tau)
             if si >= K and forced(si) is None:
@@ -282,4 +311,8 @@ def sample(
             x = next_input(si + 1)
         if progress:
             progress(si, n_scales)
+    flags = non_finite.tolist()  # the one host read of the guard
+    if any(flags):
+        first = flags.index(True)
+        raise NonFiniteLogitsError(_non_finite_message(transformer, first, schedule[first]))
     return SampleResult(summed_codes=summed, bits=bits_out, logits=logits_out)

@@ -217,6 +217,18 @@ class PromptEmbeds:
         return bounds
 
 
+def negative_or_none(negative: str | PromptEmbeds | None) -> str | PromptEmbeds | None:
+    """None for a negative prompt that is empty or whitespace only (a string, or PromptEmbeds
+    encoded from such strings): with cfg != 1 the unconditional branch then uses the model's
+    learned unconditional rows (`cfg_uncond`, what it was trained with), not T5 features of "".
+    Every entry point (NSARMPipeline, the nodes, the command line, folder jobs) passes negatives
+    through this."""
+    if negative is None:
+        return None
+    prompts = (negative,) if isinstance(negative, str) else negative.prompts
+    return negative if any(p.strip() for p in prompts) else None
+
+
 def _describe(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"tensor {tuple(x.shape)} {x.dtype}"

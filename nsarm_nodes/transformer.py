@@ -34,6 +34,7 @@ from torch import nn
 from .config import MapNetConfig, TransformerConfig
 from .loading import (
     CheckpointError,
+    Coverage,
     LazyEntry,
     LazyStateDict,
     coverage,
@@ -46,6 +47,7 @@ from .loading import (
     unwrap,
     write_safetensors,
 )
+from .precision import resolve_dtype
 from .schedule import rope_cos_sin
 
 MAX_LOG_SCALE_MUL = math.log(100.0)  # cosine-attention temperature clamp
@@ -517,6 +519,17 @@ def _checkpoint_state(src) -> tuple[Mapping[str, torch.Tensor], str]:
     return sd, source
 
 
+def checkpoint_coverage(src) -> Coverage:
+    """Which keys of `src` the transformer uses, lacks or finds mis-shaped, as `load_transformer`
+    would see them (keys normalised, absent `zero_k_bias` filled), from the checkpoint's keys and
+    shapes only (`check-models`)."""
+    sd, source = _checkpoint_state(src)
+    with torch.device("meta"):
+        model = Infinity(infer_config(sd, source))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return coverage(expected, sd, {k: v for k, v in model.state_dict().items() if k.endswith("zero_k_bias")})
+
+
 def load_transformer(
     src,
     device="cpu",
@@ -525,11 +538,16 @@ def load_transformer(
     weight_format: str = "dense",
     blocks_on_cpu: int = 0,
     offload_text_and_map: bool = False,
+    strict: bool = False,
 ) -> Infinity:
-    """Load NSARM.pth / Infinity weights (path, sharded folder or state dict) strictly.
+    """Load NSARM.pth / Infinity weights (path, sharded folder or state dict).
 
-    `dtype` applies to the transformer blocks (e.g. torch.bfloat16 as upstream); everything else
-    (text path, embeddings, AdaLN projections, head, transformation network) stays float32.
+    `dtype` applies to the transformer blocks: None / "auto" is the one policy of
+    `precision.resolve_dtype` for `device` (bf16 on CUDA GPUs with bf16, else fp32), or "bf16",
+    "fp16", "fp32", or a torch dtype; everything else (text path, embeddings, AdaLN projections,
+    head, transformation network) stays float32. Missing or mis-shaped tensors are an error;
+    tensors the model does not use are ignored with one warning, or refused with `strict=True`;
+    NaN / inf in any tensor is an error naming it (see `loading.materialize`).
     Absent `zero_k_bias` buffers are filled with zeros; `cfg_uncond` longer than 512 rows is cut.
     The checkpoint is read one tensor at a time (safetensors lazily, .pth memory-mapped).
 
@@ -558,7 +576,8 @@ def load_transformer(
         name: torch.zeros(buf.shape) for name, buf in model.named_buffers() if name.endswith("zero_k_bias")
     }
     fp8 = weight_format == "fp8"
-    block_dtype = dtype or (torch.bfloat16 if fp8 else torch.float32)
+    # per-tensor fp8 computes in bf16 unless told otherwise (its widening is only tested that way)
+    block_dtype = torch.bfloat16 if fp8 and dtype is None else resolve_dtype(dtype, device)
     if fp8 and block_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"fp8 weights compute in bf16 / fp16 / fp32, got dtype={dtype}")
     from . import lowvram
@@ -583,7 +602,7 @@ def load_transformer(
         return t
 
     materialize(model, sd, source=source, kind="transformer", device=device, dtype_for=dtype_for,
-                defaults=zero_bias, transform=transform)
+                defaults=zero_bias, transform=transform, strict=strict)
     model.eval().requires_grad_(False)
     for name, scale in scales.items():
         layer = model.get_submodule(name.rpartition(".")[0])

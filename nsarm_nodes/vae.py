@@ -31,7 +31,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
-from .loading import MAX_LISTED_KEYS, CheckpointError, describe, materialize, read_checkpoint, unwrap
+from .loading import (
+    MAX_LISTED_KEYS,
+    CheckpointError,
+    Coverage,
+    coverage,
+    describe,
+    materialize,
+    read_checkpoint,
+    unwrap,
+)
 from .quantizer import MultiScaleBSQ
 
 GN_EPS = 1e-6
@@ -342,18 +351,9 @@ def infer_vae_config(sd: Mapping[str, torch.Tensor], source: str = "<state dict>
     )
 
 
-def load_vae(src, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> BSQVAE:
-    """Load a BSQ-VAE from a path (.pth / .safetensors / sharded folder) or a state dict.
-
-    Accepts the upstream checkpoint `{'vae': state_dict}` (or `{'ema': ...}` when 'vae' is absent,
-    the upstream default being 'vae') as well as a flat state dict, in either key spelling (with
-    or without the inner `.conv` / `.norm` level). The quantizer buffers `quantizer.lfq.mask` /
-    `quantize.lfq.mask` may be present or absent (they are constants). Coverage is strict: any
-    missing, unexpected or mis-shaped key raises `CheckpointError` naming the source. The
-    encoder is stored in float32, the decoder in `dtype` (default: as in the checkpoint). The
-    module is built on the `meta` device and filled tensor by tensor. Returns it in eval mode with
-    gradients disabled.
-    """
+def _prepare(src) -> tuple[BSQVAE, Mapping, dict, str]:
+    """The meta-device model for `src`, its state dict in our key spelling, the defaults for
+    absent constant buffers and the source name (tensor data is not read)."""
     source = describe(src)
     sd = unwrap(read_checkpoint(src), CHECKPOINT_WRAPPERS, source)
     cfg = infer_vae_config(sd, source)
@@ -361,9 +361,35 @@ def load_vae(src, device: torch.device | str = "cpu", dtype: torch.dtype | None 
         model = BSQVAE(cfg)
     sd = _remap(sd, set(model.state_dict()), source)
     defaults = dict.fromkeys(MASK_KEYS, MultiScaleBSQ(cfg.codebook_dim).lfq.mask)  # a constant buffer
+    return model, sd, defaults, source
+
+
+def checkpoint_coverage(src) -> Coverage:
+    """Which keys of `src` the BSQ-VAE uses, lacks or finds mis-shaped, as `load_vae` would see
+    them, from the checkpoint's keys and shapes only (`check-models`)."""
+    model, sd, defaults, _ = _prepare(src)
+    return coverage({k: tuple(v.shape) for k, v in model.state_dict().items()}, sd, defaults)
+
+
+def load_vae(src, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, *,
+             strict: bool = False) -> BSQVAE:
+    """Load a BSQ-VAE from a path (.pth / .safetensors / sharded folder) or a state dict.
+
+    Accepts the upstream checkpoint `{'vae': state_dict}` (or `{'ema': ...}` when 'vae' is absent,
+    the upstream default being 'vae') as well as a flat state dict, in either key spelling (with
+    or without the inner `.conv` / `.norm` level). The quantizer buffers `quantizer.lfq.mask` /
+    `quantize.lfq.mask` may be present or absent (they are constants). Any missing or mis-shaped
+    key raises `CheckpointError` naming the source; unexpected keys give one warning (an error with
+    `strict=True`); NaN / inf in a tensor is an error naming it. The
+    encoder is stored in float32, the decoder in `dtype` (default: as in the checkpoint). The
+    module is built on the `meta` device and filled tensor by tensor. Returns it in eval mode with
+    gradients disabled.
+    """
+    model, sd, defaults, source = _prepare(src)
 
     def dtype_for(name: str, value: torch.Tensor) -> torch.dtype:
         return torch.float32 if name.startswith("encoder.") else (dtype or value.dtype)
 
-    materialize(model, sd, source=source, kind="BSQ-VAE", device=device, dtype_for=dtype_for, defaults=defaults)
+    materialize(model, sd, source=source, kind="BSQ-VAE", device=device, dtype_for=dtype_for, defaults=defaults,
+                strict=strict)
     return model.eval().requires_grad_(False)

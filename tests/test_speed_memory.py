@@ -98,14 +98,32 @@ def test_scale_loop_never_reads_tensors_back_to_the_host(model, monkeypatch, pre
         monkeypatch.setattr(torch, name, forbid(f"torch.{name}", getattr(torch, name)))
     calls = []
 
-    def progress(si, n):  # armed from the first progress call (after the prefill / scale 0)
+    def progress(si, n):  # armed from the first progress call (after the prefill / scale 0) to the last
         calls.append(si)
-        trap.armed = True
+        trap.armed = si < n - 1
 
     with trap:
         res = sample(model, None, text, h, seed=3, cfg=cfg, prefill=prefill, progress=progress)
     assert calls == list(range(13)) and len(res.bits) == 13
     assert trap.hits == [] and py_hits == [], (trap.hits, py_hits)
+
+
+def test_non_finite_logits_guard_reads_back_once_after_the_loop(model, monkeypatch):
+    """The guard's per-scale flags stay on the device; after the last scale they are read once."""
+    text, h, _ = run_inputs()
+    trap = SyncTrap()
+    reads: list[str] = []
+    original = torch.Tensor.tolist
+
+    def tolist(t):
+        if trap.armed:
+            reads.append(f"tolist {tuple(t.shape)} {t.dtype}")
+        return original(t)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    with trap:
+        sample(model, None, text, h, seed=3, progress=lambda si, n: setattr(trap, "armed", si == n - 1))
+    assert reads == ["tolist (13,) torch.bool"] and trap.hits == [], (reads, trap.hits)
 
 
 def test_sdpa_calls_in_the_scale_loop_fit_the_flash_kernel(model, monkeypatch):
