@@ -9,6 +9,7 @@ entry points run); signals, resource limits, FIFOs and dropped privileges need a
 from __future__ import annotations
 
 import os
+import re
 import resource
 import shutil
 import signal
@@ -29,6 +30,7 @@ from safetensors.torch import load_file
 
 from conftest import DEMO_IMAGE, GOLDEN
 from nsarm_nodes.__main__ import main, output_paths, save_image
+from nsarm_nodes.loading import CheckpointError
 from nsarm_nodes.testing import make_tiny_models
 from nsarm_nodes.text import PromptCache, PromptEmbeds
 
@@ -543,3 +545,119 @@ def test_signals_stop_cleanly(models, tmp_path):
     assert rest.strip().endswith("interrupted (SIGTERM); nothing was left half-written")
     assert "Traceback" not in before + rest
     assert list(out.parent.iterdir()) == []  # no .nsarm-run-* staging folder, no partial PNG
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint contents: unexpected keys, NaN / inf weights, key coverage in check-models
+
+
+def test_unexpected_keys_warn_and_strict_refuses(models, tmp_path):
+    """Upstream loads NSARM.pth with strict=False: training leftovers in a file are ignored with one
+    warning naming how many and the first few; --strict refuses; check-models reports it."""
+    src = png(tmp_path / "in.png", size=(32, 32))
+    sd = load_file(str(models / "nsarm" / "NSARM.safetensors"))
+    extras = {f"optimizer.state.{i}.exp_avg": torch.zeros(3) for i in range(12)}
+    torch.save({**sd, **extras}, tmp_path / "extra.pth")
+    folder = _models_with(models, tmp_path / "m", transformer=tmp_path / "extra.pth")
+    code, out, err = cli("check-models", "--models", folder)
+    assert code == 0, err
+    assert "NSARM.pth" in out and "loads with a warning: 12 unexpected key(s): optimizer.state.0.exp_avg" in out
+    assert "(+4 more)" in out and "all keys match" in out  # the VAE line
+    code, _, err = cli("upscale", src, "-o", tmp_path / "ok.png", "--models", folder)
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warning) == 1 and "NSARM.pth: ignoring tensors the transformer does not use: 12 unexpected" in warning[0]
+    assert (tmp_path / "ok.png").is_file()
+    assert_user_error(cli("upscale", src, "-o", tmp_path / "strict.png", "--models", folder, "--strict"),
+                      "NSARM.pth: does not fit the transformer: 12 unexpected key(s)", "load without strict")
+    assert not (tmp_path / "strict.png").exists()
+
+
+def test_check_models_reports_key_coverage_from_the_headers(models, tmp_path, monkeypatch):
+    sd = load_file(str(models / "nsarm" / "NSARM.safetensors"))
+    torch.save({k: v for k, v in sd.items() if k != "head.bias"}, tmp_path / "nohead.pth")
+    folder = _models_with(models, tmp_path / "m", transformer=tmp_path / "nohead.pth")
+    def no_reads(*a, **k):
+        raise AssertionError("check-models loaded a model")
+
+    for module in ("nsarm_nodes.transformer", "nsarm_nodes.vae"):  # no model is loaded
+        monkeypatch.setattr(f"{module}.materialize", no_reads)
+    code, out, err = cli("check-models", "--models", folder)
+    assert code == 2, (out, err)
+    assert "BAD transformer" in out and "1 missing key(s): head.bias" in out
+    code, out, _ = cli("check-models", "--models", models)
+    assert code == 0 and out.count("keys: all keys match") == 2
+
+
+def _with_bad_value(sd: dict, key: str, value: float) -> dict:
+    bad = {k: v.clone() for k, v in sd.items()}
+    bad[key].view(-1)[bad[key].numel() // 2] = value
+    return bad
+
+
+def test_non_finite_weights_are_refused_naming_file_and_key(models, tmp_path):
+    src = png(tmp_path / "in.png", size=(32, 32))
+    sd = load_file(str(models / "nsarm" / "NSARM.safetensors"))
+    vae = load_file(str(models / "nsarm" / "infinity_vae_d56_f8_14_patchify.safetensors"))
+    block = "block_chunks.1.module.0.ffn.fc1.weight"
+    torch.save(_with_bad_value(sd, block, float("nan")), tmp_path / "nan.pth")
+    torch.save(_with_bad_value(sd, "map_transformer.output_projs.3.0.weight", float("inf")), tmp_path / "inf.pth")
+    torch.save(_with_bad_value(sd, block, 1e6), tmp_path / "big.pth")  # finite, beyond fp16
+    torch.save(_with_bad_value(vae, "decoder.conv_out.conv.weight", float("-inf")), tmp_path / "vae.pth")
+    cases = [
+        (dict(transformer=tmp_path / "nan.pth"), [], ["NSARM.pth: tensor " + block, "1 NaN/inf value(s)",
+                                                      "download it again"]),
+        (dict(transformer=tmp_path / "inf.pth"), [], ["NSARM.pth: tensor map_transformer.output_projs.3.0.weight",
+                                                      "NaN/inf"]),
+        (dict(vae=tmp_path / "vae.pth"), [], ["infinity_vae_d56_f8_14_patchify.pth: tensor decoder.conv_out",
+                                              "BSQ-VAE", "NaN/inf"]),
+        (dict(transformer=tmp_path / "big.pth"), ["--dtype", "fp16"], [
+            "NSARM.pth: tensor " + block, "overflows float16", "1e+06", "bf16 or fp32"]),
+    ]
+    for i, (kind, flags, needles) in enumerate(cases):
+        folder = _models_with(models, tmp_path / f"m{i}", **kind)
+        assert_user_error(cli("upscale", src, "-o", tmp_path / f"{i}.png", "--models", folder, *flags), *needles)
+        assert not (tmp_path / f"{i}.png").exists()
+    # the finite big value loads in fp32 and bf16 (the check is on the converted tensor)
+    from nsarm_nodes import load_transformer
+
+    for dtype in (torch.float32, torch.bfloat16):
+        assert load_transformer(tmp_path / "big.pth", dtype=dtype).state_dict()[block].abs().max() == 1e6
+
+
+def test_every_loaded_tensor_is_checked_once_as_it_is_read(models, monkeypatch):
+    """The finiteness check runs in the loading pass itself: once per floating-point tensor of the
+    transformer (fp8-quantised weights before quantisation) and of the VAE, never a second pass."""
+    from nsarm_nodes import load_transformer, load_vae, loading
+
+    checked: list[tuple[tuple[int, ...], torch.dtype]] = []
+    original = loading._all_finite
+
+    def spy(t):
+        checked.append((tuple(t.shape), t.dtype))
+        return original(t)
+
+    monkeypatch.setattr(loading, "_all_finite", spy)
+    sd = load_file(str(models / "nsarm" / "NSARM.safetensors"))
+    for fmt in ("dense", "fp8"):
+        checked.clear()
+        model = load_transformer(models / "nsarm" / "NSARM.safetensors", weight_format=fmt)
+        floats = [n for n, t in model.state_dict().items() if n in sd and sd[n].is_floating_point()]
+        assert len(checked) == len(floats) + sum(n.endswith("zero_k_bias") for n in model.state_dict()
+                                                 if n not in sd), fmt
+        assert all(dtype in (torch.float32, torch.bfloat16) for _, dtype in checked)  # never the fp8 copy
+    checked.clear()
+    vae = load_vae(models / "nsarm" / "infinity_vae_d56_f8_14_patchify.safetensors")
+    assert len(checked) == sum(t.is_floating_point() for t in vae.state_dict().values())
+    monkeypatch.setattr(loading, "_all_finite", original)
+    # a NaN anywhere, including a weight the fp8 format quantises, is named
+    groups = ["text_norm.weight", "word_embed.weight", "head.weight", "cfg_uncond",
+              "block_chunks.0.module.0.sa.mat_qkv.weight", "block_chunks.1.module.0.ada_gss"]
+    for key in groups:
+        for fmt in ("dense", "fp8"):
+            with pytest.raises(CheckpointError, match=rf"<state dict>: tensor {re.escape(key)} of the transformer"):
+                load_transformer(_with_bad_value(sd, key, float("nan")), weight_format=fmt)
+    vsd = load_file(str(models / "nsarm" / "infinity_vae_d56_f8_14_patchify.safetensors"))
+    for key in ("encoder.conv_in.conv.weight", "decoder.mid.block_1.norm1.norm.weight"):
+        with pytest.raises(CheckpointError, match=rf"tensor {re.escape(key)} of the BSQ-VAE"):
+            load_vae(_with_bad_value(vsd, key, float("inf")))
