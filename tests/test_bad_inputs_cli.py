@@ -661,3 +661,24 @@ def test_every_loaded_tensor_is_checked_once_as_it_is_read(models, monkeypatch):
     for key in ("encoder.conv_in.conv.weight", "decoder.mid.block_1.norm1.norm.weight"):
         with pytest.raises(CheckpointError, match=rf"tensor {re.escape(key)} of the BSQ-VAE"):
             load_vae(_with_bad_value(vsd, key, float("inf")))
+
+
+def test_fp16_overflow_while_sampling_stops_before_decoding(models, tmp_path, monkeypatch):
+    """Weights that are finite in fp16 but whose activations overflow: exit 2 naming the dtype and
+    the fix, after the scale loop and before the decoder runs; no output."""
+    import nsarm_nodes.pipeline as pipeline_mod
+
+    sd = load_file(str(models / "nsarm" / "NSARM.safetensors"))
+    key = "block_chunks.0.module.0.ffn.fc2.weight"
+    sd[key] = sd[key] * (30000 / sd[key].abs().max())  # finite in fp16; the block output is not
+    torch.save(sd, tmp_path / "hot.pth")
+    folder = _models_with(models, tmp_path / "m", transformer=tmp_path / "hot.pth")
+    decoded = []
+    monkeypatch.setattr(pipeline_mod, "decode_tiled", lambda *a, **k: decoded.append(1))
+    src = png(tmp_path / "in.png", size=(32, 32))
+    code, _, err = cli("upscale", src, "-o", tmp_path / "o.png", "--models", folder, "--dtype", "fp16")
+    last = err.strip().splitlines()[-1]  # (T5 loads first, with its own progress output)
+    assert code == 2 and "Traceback" not in err and last.startswith("error: "), err
+    for needle in ("NaN/inf logits from scale 7", "computing in float16", "dtype bf16"):
+        assert needle in last, (needle, last)
+    assert decoded == [] and not (tmp_path / "o.png").exists()
