@@ -122,27 +122,30 @@ def _coverage_line(role: str, path: Path) -> tuple[str, bool]:
 
 
 def check_models(models_dir: str | os.PathLike) -> tuple[str, bool]:
-    """A report of which weight files are present (path, size, format), how each checkpoint's keys
-    fit its model (from the headers / keys only) and what is missing."""
+    """A report of which weight files are present (path, size, format; every accepted name, the
+    first being the one loaded), how each checkpoint's keys fit its model (from the headers / keys
+    only) and what is missing. Not ok when a role is missing or the file it loads does not fit."""
     root = Path(models_dir)
     rows, missing, ok = [], [], True
     for spec in WEIGHTS:
-        path = find_weight(root, spec)
-        if path is None:
+        found = [base / name for name in spec.names for base in (root / spec.subdir, root) if (base / name).exists()]
+        if not found:
             missing.append(spec.role)
             continue
-        if path.is_dir():
-            size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-            fmt = "folder"
-        else:
-            size, fmt = path.stat().st_size, path.suffix.lstrip(".")
-        if spec.role in ("transformer", "vae"):
-            line, loads = _coverage_line(spec.role, path)
-            ok = ok and loads
-            rows.append(f"  {'ok ' if loads else 'BAD'} {spec.role:<13} {path}  ({size / 1e9:.2f} GB, {fmt})")
-            rows.append(f"      keys: {line}")
-        else:
-            rows.append(f"  ok  {spec.role:<13} {path}  ({size / 1e9:.2f} GB, {fmt})")
+        for i, path in enumerate(found):  # the first is the one loaded (find_weight's order)
+            if path.is_dir():
+                size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+                fmt = "folder"
+            else:
+                size, fmt = path.stat().st_size, path.suffix.lstrip(".")
+            unused = f"; not used: {found[0].name} is preferred" if i else ""
+            if spec.role in ("transformer", "vae"):
+                line, loads = _coverage_line(spec.role, path)
+                ok = ok and (loads or i > 0)
+                rows.append(f"  {'ok ' if loads else 'BAD'} {spec.role:<13} {path}  ({size / 1e9:.2f} GB, {fmt}{unused})")
+                rows.append(f"      keys: {line}")
+            else:
+                rows.append(f"  ok  {spec.role:<13} {path}  ({size / 1e9:.2f} GB, {fmt}{unused})")
     report = "\n".join(rows)
     if missing:
         report = "\n".join(filter(None, [report, missing_models_message(root, missing)]))
