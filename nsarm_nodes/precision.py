@@ -23,6 +23,7 @@ from .options import DTYPES, TORCH_DTYPE_NAMES
 
 BLOCK_DTYPES = tuple(getattr(torch, name) for name in TORCH_DTYPE_NAMES.values())  # bf16, fp16, fp32
 AUTO = "auto"
+AMPERE_MAJOR = 8  # CUDA compute capability from which bf16 is native (A100, RTX 30xx, H100, ...)
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -30,11 +31,9 @@ def bf16_supported(device: torch.device) -> bool:
     it). Emulated bf16 on older GPUs does not count: it is slow."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    with torch.cuda.device(device):
-        try:
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # torch < 2.4 has no emulation flag (and reports native support only)
-            return torch.cuda.is_bf16_supported()
+    if torch.version.hip:  # AMD GPUs that run PyTorch support bf16
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= AMPERE_MAJOR
 
 
 def resolve_dtype(choice: str | torch.dtype | None, device: torch.device | str) -> torch.dtype:

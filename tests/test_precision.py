@@ -74,6 +74,18 @@ def test_cpu_never_reports_bf16():
     assert precision.bf16_supported(torch.device("cpu")) is False
 
 
+@pytest.mark.parametrize("capability,hip,native", [((7, 5), None, False), ((8, 0), None, True), ((9, 0), None, True),
+                                                   ((6, 1), "6.2", True)])
+def test_bf16_support_follows_the_gpu_generation(monkeypatch, capability, hip, native):
+    """Turing and older (T4, V100, GTX 10xx) emulate bf16 slowly: auto picks fp32 there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    assert precision.bf16_supported(torch.device("cuda", 0)) is native
+    assert precision.resolve_dtype("auto", "cuda") == (torch.bfloat16 if native else torch.float32)
+    assert precision.bf16_supported(torch.device("cpu")) is False
+
+
 @pytest.mark.parametrize("gpu_bf16", [True, False])
 def test_every_entry_point_picks_the_same_auto_dtype(models, tmp_path, monkeypatch, gpu_bf16):
     """Python API (load_transformer, load_pipeline), CLI (upscale, upscale-dir, run: the loader node)
