@@ -476,7 +476,8 @@ class NSARMBitwiseDecode:
             },
             "optional": {
                 "cond": ("NSARM_COND", {"tooltip": "prompt; default: NSARM's generic quality prompt"}),
-                "negative": ("NSARM_COND", {"tooltip": "negative prompt, used only when cfg != 1"}),
+                "negative": ("NSARM_COND", {"tooltip": "negative prompt, used only when cfg != 1; an empty one means none "
+                                            "(the model's learned unconditional rows)"}),
             },
         }
 

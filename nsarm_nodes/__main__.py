@@ -423,7 +423,8 @@ def add_upscale_options(p: argparse.ArgumentParser, local_device: bool = True) -
 
     p.add_argument("--models", required=True, help="models folder (ComfyUI layout: nsarm/, text_encoders/)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="description of the image")
-    p.add_argument("--negative-prompt", default=None, help="used only with --cfg != 1")
+    p.add_argument("--negative-prompt", default=None, help="used only with --cfg != 1; empty = none (the model's "
+                   "learned unconditional rows)")
     add_argument(p, "seed")
     add_argument(p, "tau")
     add_argument(p, "top_p")
