@@ -240,8 +240,9 @@ TABLE: dict[str, Option] = {o.name: o for o in (
            "scale (half the memory of bf16, small numerical change), computed in bf16", choices=WEIGHT_FORMATS),
     Option("blocks_on_cpu", INT, 0, "keep this many transformer blocks in CPU memory and stream them in ahead "
            "of use (less VRAM, slower)", 0, 64),
-    Option("offload_text_and_map", BOOLEAN, False, "keep the text path and the transformation network (~2 GB, "
-           "used once per run) in CPU memory"),
+    Option("offload_text_and_map", BOOLEAN, True, "keep the text path and the transformation network (~2 GB, "
+           "used once per run) in CPU memory and move them to the GPU only for that step (ignored on the CPU); "
+           "off keeps them on the GPU"),
     Option("device", TEXT, None, "cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)",
            parse=parse_device),
     # ComfyUI server (queue)
