@@ -331,7 +331,8 @@ def read_checkpoint(src) -> Mapping:
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         return _read_safetensors(path)
     if path.suffix.lower() in TORCH_SUFFIXES:
-        obj = _read_torch(path)
+        from .torchzip import read_torch_zip  # tensors read when used, with plain reads (no memory map)
+        obj = read_torch_zip(path) or _read_torch(path)
         if not isinstance(obj, Mapping):
             raise CheckpointError(f"{path}: expected a dict of tensors, found a {type(obj).__name__}")
         return obj

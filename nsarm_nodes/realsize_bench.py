@@ -81,7 +81,7 @@ class _TensorRef:
     def __reduce__(self):
         stride = tuple(math.prod(self.shape[i + 1:]) for i in range(len(self.shape)))
         return (torch._utils._rebuild_tensor_v2,
-                (self.storage, 0, torch.Size(self.shape), stride, False, collections.OrderedDict()))
+                (self.storage, 0, tuple(self.shape), stride, False, collections.OrderedDict()))
 
 
 class _Pickler(pickle.Pickler):
