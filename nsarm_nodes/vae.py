@@ -208,7 +208,8 @@ class Decoder(nn.Module):
         return self.to(memory_format=memory_format)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        z = z.contiguous(memory_format=self.memory_format)
+        if self.memory_format != torch.contiguous_format:  # opted in; otherwise z's own layout, as before
+            z = z.contiguous(memory_format=self.memory_format)
         h = self.mid(self.conv_in(z))  # [B, widths[-1], h, w]
         # Block by block (not `level(h)`), so that no caller frame keeps a level's input alive while
         # its blocks run: at the finest level that input is a full-resolution activation.
