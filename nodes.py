@@ -30,7 +30,7 @@ try:  # loaded by ComfyUI as a package
     from .nsarm_nodes import colorfix, options, tiling
     from .nsarm_nodes.canvas import CanvasLayout, LatentCanvas, phase_tiles
     from .nsarm_nodes.images import check_image
-    from .nsarm_nodes.lowvram import estimate_for
+    from .nsarm_nodes.lowvram import estimate_for, offload_text_and_map_for
     from .nsarm_nodes.config import DEFAULT_PROMPT
     from .nsarm_nodes.pipeline import N_SCALES, NSARMPipeline, check_model_pair
     from .nsarm_nodes.precision import resolve_dtype
@@ -43,7 +43,7 @@ except ImportError:  # loaded by path (headless runner, tests)
     from nsarm_nodes import colorfix, options, tiling
     from nsarm_nodes.canvas import CanvasLayout, LatentCanvas, phase_tiles
     from nsarm_nodes.images import check_image
-    from nsarm_nodes.lowvram import estimate_for
+    from nsarm_nodes.lowvram import estimate_for, offload_text_and_map_for
     from nsarm_nodes.config import DEFAULT_PROMPT
     from nsarm_nodes.pipeline import N_SCALES, NSARMPipeline, check_model_pair
     from nsarm_nodes.precision import resolve_dtype
@@ -368,8 +368,9 @@ class NSARMModelLoader:
 
     @_checked
     def load(self, checkpoint, vae, text_encoder, dtype, attention, weight_format="dense", blocks_on_cpu=0,
-             offload_text_and_map=False, strict=False):
+             offload_text_and_map=True, strict=False):
         load_device = _device()
+        offload_text_and_map = offload_text_and_map_for(load_device, offload_text_and_map)  # the one policy
         # Streamed (swapped / offloaded) weights manage their own placement: they are loaded for the
         # compute device directly and kept out of ComfyUI's model manager, which would move them all.
         self_managed = blocks_on_cpu > 0 or offload_text_and_map

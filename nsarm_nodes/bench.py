@@ -81,6 +81,11 @@ def add_cli_commands(sub) -> None:
                    help="gpu: the prepared GPU run (bf16 single+tiled on both paths, then the low-VRAM variants "
                         "bf16+offload, fp8+offload, 3/4 of the blocks on CPU+offload, then equivalence checks: "
                         "block swap == resident, fp8 vs bf16 logits, fast vs reference logits)")
+    b.add_argument("--scales", type=int, default=None, help="real-size CPU benchmark (with --preset nsarm-8b "
+                   "--random-weights): write an 8B-shaped checkpoint, load it, run the first N scales (realsize_bench)")
+    b.add_argument("--blocks", type=int, default=None, help="--scales: write only the first K blocks (real widths)")
+    b.add_argument("--pth", action="store_true", help="--scales: an all-fp32 torch .pth instead of bf16 safetensors")
+    b.add_argument("--keep", default=None, help="--scales: folder for the temporary checkpoint (default: system temp)")
     b.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("convert", help="rewrite NSARM.pth as safetensors: blocks in bf16, the rest fp32")
@@ -127,6 +132,10 @@ def cmd_convert(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.scales is not None:
+        from .realsize_bench import cmd_realsize
+
+        return cmd_realsize(args)
     options = BenchOptions.from_args(args)
     if args.suite == "gpu":
         report = run_suite(options, print_fn=lambda text: print(text, flush=True))

@@ -1,7 +1,8 @@
 """Checkpoint reading and strict, memory-lean loading.
 
-Formats: a torch `.pth/.pt/.bin/.ckpt` file (read with `torch.load(weights_only=True, mmap=True)`,
-so no code in a pickle is ever executed and tensors stay on disk until used), a `.safetensors`
+Formats: a torch `.pth/.pt/.bin/.ckpt` file (zip archives read lazily by `torchzip.read_torch_zip`,
+anything else with `torch.load(weights_only=True, mmap=True)`, so no code in a pickle is ever
+executed and tensors stay on disk until used), a `.safetensors`
 file, a folder of sharded safetensors with a `*.safetensors.index.json`, or an in-memory state dict.
 Safetensors are read lazily: `read_checkpoint` returns a `LazyStateDict` that knows every key's
 shape and dtype from the file headers and reads a tensor only when it is indexed (nothing cached).
@@ -340,7 +341,8 @@ def read_checkpoint(src) -> Mapping:
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         return _read_safetensors(path)
     if path.suffix.lower() in TORCH_SUFFIXES:
-        obj = _read_torch(path)
+        from .torchzip import read_torch_zip  # tensors read when used, with plain reads (no memory map)
+        obj = read_torch_zip(path) or _read_torch(path)
         if not isinstance(obj, Mapping):
             raise CheckpointError(f"{path}: expected a dict of tensors, found a {type(obj).__name__}")
         return obj

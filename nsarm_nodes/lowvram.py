@@ -57,6 +57,20 @@ def dequantize_fp8(q: torch.Tensor, scale: float, dtype=torch.float32) -> torch.
     return q.to(dtype) * scale
 
 
+def offload_text_and_map_for(device, requested: bool | None = None) -> bool:
+    """The one policy for offloading the once-per-sample modules (transformation network + text
+    path, ~2 GB for NSARM-8B), used by the CLI, `load_pipeline` and the loader node.
+
+    Default (`requested` None or True): offload on an accelerator, where it takes them out of the
+    sampling loop's device memory (the 8B default then fits <= 22 GB for one 1024^2 tile, see
+    `memory_required`) for one ~2 GB host-to-device copy per sampling call; never on the CPU, where
+    the "device" and the offload home are the same memory and the copy would only cost time.
+    `requested=False` keeps them resident (what old saved workflows ask for)."""
+    if requested is False:
+        return False
+    return torch.device(device).type != "cpu"
+
+
 def spread(n: int, depth: int) -> list[int]:
     """n block indices spread evenly over 0..depth-1 (so swapped blocks alternate with resident
     ones and each copy can overlap the compute of resident blocks)."""

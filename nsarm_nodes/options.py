@@ -234,8 +234,9 @@ TABLE: dict[str, Option] = {o.name: o for o in (
            "scale (half the memory of bf16, small numerical change), computed in bf16", choices=WEIGHT_FORMATS),
     Option("blocks_on_cpu", INT, 0, "keep this many transformer blocks in CPU memory and stream them in ahead "
            "of use (less VRAM, slower)", 0, 64),
-    Option("offload_text_and_map", BOOLEAN, False, "keep the text path and the transformation network (~2 GB, "
-           "used once per run) in CPU memory"),
+    Option("offload_text_and_map", BOOLEAN, True, "keep the text path and the transformation network (~2 GB, "
+           "used once per run) in CPU memory and move them to the GPU only for that step (ignored on the CPU); "
+           "off keeps them on the GPU"),
     Option("strict", BOOLEAN, False, "refuse checkpoints holding tensors the model does not use (default: one "
            "warning naming them, and they are ignored, as upstream loads NSARM.pth non-strictly); missing or "
            "mis-shaped tensors are always an error"),

@@ -100,10 +100,14 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = Conv(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))  # [B, c_out, H, W]
-        h = self.conv2(F.silu(self.norm2(h)))
+        # Memory: each intermediate is dropped as soon as it is used up (swish in place on the norm's
+        # output, the conv1 output released by the reassignment to its norm, the skip added in place),
+        # so at most the input and two activations of the block's width are live; same numerics.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))  # [B, c_out, H, W]
+        h = self.norm2(h)
+        h = self.conv2(F.silu(h, inplace=True))
         skip = self.nin_shortcut(x) if self.nin_shortcut is not None else x
-        return skip + h
+        return h.add_(skip)  # == skip + h exactly (same dtype; addition commutes)
 
 
 class Downsample(nn.Module):
@@ -202,12 +206,30 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(reversed(levels))  # indexed by level: up.0 is the finest
         self.norm_out = Norm(widths[0])
         self.conv_out = Conv(widths[0], RGB, 3, padding=1)
+        self.memory_format = torch.contiguous_format
+
+    def set_memory_format(self, memory_format: torch.memory_format) -> "Decoder":
+        """Opt-in layout of the weights and activations (torch.channels_last or the default
+        torch.contiguous_format). Not the default: on CPU channels_last measured slower in float32
+        (BENCHMARKS.md, "VAE decoder memory") and rounds differently (convolution kernels differ);
+        scripts/gpu_bench.py measures it on a GPU."""
+        self.memory_format = memory_format
+        return self.to(memory_format=memory_format)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.memory_format != torch.contiguous_format:  # opted in; otherwise z's own layout, as before
+            z = z.contiguous(memory_format=self.memory_format)
         h = self.mid(self.conv_in(z))  # [B, widths[-1], h, w]
+        # Block by block (not `level(h)`), so that no caller frame keeps a level's input alive while
+        # its blocks run: at the finest level that input is a full-resolution activation.
         for level in reversed(self.up):
-            h = level(h)  # x2 spatially at levels with an upsample
-        return self.conv_out(F.silu(self.norm_out(h)))  # [B, 3, h*patch, w*patch]
+            for blk in level.block:
+                h = blk(h)
+            upsample = getattr(level, level.resample_name)
+            if upsample is not None:
+                h = upsample(h)  # x2 spatially
+        h = self.norm_out(h)
+        return self.conv_out(F.silu(h, inplace=True))  # [B, 3, h*patch, w*patch]
 
 
 class BSQVAE(nn.Module):

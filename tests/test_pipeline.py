@@ -121,6 +121,12 @@ def test_pipeline_cached_prompts_only(models_dir, pipe):
         cached.encode_prompts(["a dog on grass"])
 
 
+def test_load_pipeline_follows_the_offload_policy(models_dir, pipe):
+    assert pipe.transformer.offloader is None  # on the CPU the once-per-sample modules stay put
+    forced = load_pipeline(models_dir, device="cpu", text_encoder=False, offload_text_and_map=True)
+    assert forced.transformer.offloader is None  # the policy: offloading to the same memory only costs time
+
+
 def test_load_pipeline_reports_missing_files(tmp_path):
     with pytest.raises(MissingModelsError) as e:
         load_pipeline(tmp_path)

@@ -28,6 +28,7 @@ from nsarm_nodes.lowvram import (
     TensorMemoryTracker,
     estimate_for,
     memory_required,
+    offload_text_and_map_for,
     quantize_fp8,
 )
 from nsarm_nodes.sampler import sample
@@ -430,6 +431,21 @@ def test_memory_estimate_of_nsarm_8b_matches_the_documented_figures():
     assert memory_required(cfg, 1, torch.bfloat16, cfg_scale=3.0).kv_cache == 2 * est.kv_cache
 
 
+def test_offload_policy_and_the_8b_default_peak_for_one_tile():
+    """One policy: offload the once-per-sample modules on an accelerator, never on the CPU, never
+    when asked not to; with it the 8B default (bf16, all blocks resident, one 1024^2 tile) fits 22 GB."""
+    assert offload_text_and_map_for("cuda") and offload_text_and_map_for("cuda:1", True)
+    assert not offload_text_and_map_for("cuda", False)
+    assert not offload_text_and_map_for("cpu") and not offload_text_and_map_for(torch.device("cpu"), True)
+    cfg = PRESETS["nsarm-8b"].transformer
+    default = memory_required(cfg, 1, torch.bfloat16, offload_text_and_map=offload_text_and_map_for("cuda"))
+    resident = memory_required(cfg, 1, torch.bfloat16)
+    assert default.peak <= 22e9 < resident.peak, (default.peak, resident.peak)
+    assert resident.transformer_weights - default.transformer_weights == resident.details["once_bytes"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The bench command
 # ---------------------------------------------------------------------------------------------
 # 4. The bench command
 

@@ -194,6 +194,26 @@ def test_decoder_matches_golden_1024(decoded_1024):
     torch.testing.assert_close(img.std(dim=(0, 2, 3)), g["dec1024_std"], **DEC1024_TOL)
 
 
+def test_decoder_holds_at_most_three_full_resolution_activations(vae):
+    """Intermediates are freed as soon as they are used: decoding a 1024^2 image keeps at most the
+    block input and two activations of the finest width alive (the tensor peak on the meta device)."""
+    from nsarm_nodes.lowvram import vae_decode_bytes
+
+    activation = vae.config.base_ch * 1024 * 1024 * 4  # [1, base_ch, 1024, 1024] float32
+    peak = vae_decode_bytes(vae.config, 1, 128, 128, torch.float32)
+    assert 2 * activation < peak <= 3 * activation * 1.01, (peak, activation)
+
+
+def test_channels_last_decoder_is_opt_in_and_matches(vae):
+    g = golden("vae_decode")
+    contiguous = vae.decode(g["z_small"])
+    other = load_vae(WEIGHTS)
+    assert other.decoder.memory_format == torch.contiguous_format  # the default
+    other.decoder.set_memory_format(torch.channels_last)
+    assert other.decoder.conv_in.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(other.decode(g["z_small"]), contiguous, **DEC_TOL)
+
+
 # ----------------------------------------------------------------------------------- bad input
 
 
