@@ -32,7 +32,8 @@ NEXT_SCALE_MODES = ("area", "trilinear")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # auto: the loader decides
 ATTENTION_KERNELS = ("auto", "math")
-WEIGHT_FORMATS = ("dense", "fp8")
+# Block weight storage (weights.FORMATS; "fp8", the value of old saved workflows, now loads q8_0).
+WEIGHT_FORMATS = ("dense", "fp8", "q8_0_mixed", "q8_0", "q5_1", "q4_1")
 # Output image formats by file extension (Pillow format names).
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF",
                   ".tiff": "TIFF", ".bmp": "BMP"}
@@ -236,8 +237,11 @@ TABLE: dict[str, Option] = {o.name: o for o in (
            "(AdaLN, head and text path stay fp32)", choices=DTYPES),
     Option("attention", CHOICE, "auto", "auto = PyTorch SDPA picks flash/memory-efficient kernels; math = "
            "reference kernel (slow)", choices=ATTENTION_KERNELS),
-    Option("weight_format", CHOICE, "dense", "fp8 = block linear weights stored as float8 e4m3 with a per-tensor "
-           "scale (half the memory of bf16, small numerical change), computed in bf16", choices=WEIGHT_FORMATS),
+    Option("weight_format", CHOICE, "dense", "block linear weights stored as GGUF blocks of 32 with their own "
+           "scale, dequantised per call, computed in bf16 (error per block at the real width vs bf16's, see "
+           "README): q8_0_mixed = q8_0 but the q/k/v projection bf16 (9.9 bits/weight, 1.3x bf16's error); "
+           "q8_0 (8.5 bits, 1.8x); q5_1 (6 bits); q4_1 (5 bits); fp8 = q8_0 (old workflows); a .gguf from "
+           "`convert --format F` loads with the same F", choices=WEIGHT_FORMATS),
     Option("blocks_on_cpu", INT, 0, "keep this many transformer blocks in CPU memory and stream them in ahead "
            "of use (less VRAM, slower)", 0, 64),
     Option("offload_text_and_map", BOOLEAN, False, "keep the text path and the transformation network (~2 GB, "

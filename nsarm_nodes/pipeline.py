@@ -364,12 +364,13 @@ def check_model_pair(checkpoint, vae) -> None:
 
 
 def load_pipeline(models_dir: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
-                  text_encoder: bool = True) -> NSARMPipeline:
+                  text_encoder: bool = True, weight_format: str = "dense") -> NSARMPipeline:
     """Find and load NSARM.pth (or safetensors), the d56 VAE and Flan-T5-XL under `models_dir`.
 
     Layout (ComfyUI's): models_dir/nsarm/NSARM.pth, models_dir/nsarm/infinity_vae_d56_f8_14_patchify.pth,
     models_dir/text_encoders/flan-t5-xl/. Prompt embeddings are cached in models_dir/nsarm_prompt_cache (as inside ComfyUI).
-    With text_encoder=False only cached prompts can be used. Raises MissingModelsError listing
+    With text_encoder=False only cached prompts can be used. `weight_format`: as in
+    `load_transformer` (e.g. "q8_0" for block-quantised weights). Raises MissingModelsError listing
     what is missing and where to get it.
     """
     from .transformer import load_transformer
@@ -383,7 +384,7 @@ def load_pipeline(models_dir: str | os.PathLike, device=None, dtype: torch.dtype
         raise MissingModelsError(missing_models_message(root, missing))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     check_model_pair(found["transformer"], found["vae"])
-    transformer = load_transformer(found["transformer"], device=device, dtype=dtype)
+    transformer = load_transformer(found["transformer"], device=device, dtype=dtype, weight_format=weight_format)
     vae = load_vae(found["vae"], device=device)
     encoder = T5TextEncoder(found["text encoder"], device=device) if text_encoder else None
     cache = PromptCache(root / "nsarm_prompt_cache")

@@ -96,18 +96,20 @@ def _unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat((qs & 0x0F, qs >> 4), dim=-1)
 
 
-_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+def _bit_shifts(device) -> torch.Tensor:
+    """0..7 as uint8 on `device` (made there: no host-to-device copy inside a forward pass)."""
+    return torch.arange(8, dtype=torch.uint8, device=device)
 
 
 def _pack_high_bits(q: torch.Tensor) -> torch.Tensor:
     """Bit 4 of each of 32 values -> 4 bytes, little bit order (bit k of byte j = element 8j + k)."""
     bits = ((q >> 4) & 1).view(*q.shape[:-1], 4, 8)
-    return (bits << _BIT_SHIFTS.to(q.device)).sum(-1, dtype=torch.uint8)
+    return (bits << _bit_shifts(q.device)).sum(-1, dtype=torch.uint8)
 
 
 def _unpack_high_bits(qh: torch.Tensor) -> torch.Tensor:
     """[..., 4] uint8 -> [..., 32] uint8 of 0/1 (inverse of `_pack_high_bits`)."""
-    bits = (qh.unsqueeze(-1) >> _BIT_SHIFTS.to(qh.device)) & 1
+    bits = (qh.unsqueeze(-1) >> _bit_shifts(qh.device)) & 1
     return bits.flatten(-2)
 
 
@@ -210,6 +212,11 @@ class BlockQuantLinear(nn.Module):
 BLOCK_LINEARS = ("sa.mat_qkv", "sa.proj", "ca.mat_q", "ca.mat_kv", "ca.proj", "ffn.fc1", "ffn.fc2")
 
 
+def is_block_linear(key: str) -> bool:
+    """Whether a checkpoint key is a block linear's weight (`block_chunks.*.<linear>.weight`)."""
+    return key.startswith("block_chunks.") and any(key.endswith(f".{n}.weight") for n in BLOCK_LINEARS)
+
+
 @dataclass(frozen=True)
 class WeightFormat:
     """How block linear weights are stored: `types` maps a block linear (see BLOCK_LINEARS) to a
@@ -224,12 +231,11 @@ class WeightFormat:
         return any(self.types.values())
 
     def block_type_for(self, key: str) -> BlockType | None:
-        """The block type of a checkpoint key (`block_chunks.*.<linear>.weight`), None if dense."""
-        if not (key.startswith("block_chunks.") and key.endswith(".weight")):
-            return None
+        """The block type of a block linear's weight key (`...<linear>.weight`, e.g.
+        `block_chunks.0.module.3.sa.mat_qkv.weight` or `sa.mat_qkv.weight`), None if kept dense."""
         for linear, t in self.types.items():
-            if f".{linear}.weight" in key:
-                return None if t is None else BLOCK_TYPES[t]
+            if t is not None and (key == f"{linear}.weight" or key.endswith(f".{linear}.weight")):
+                return BLOCK_TYPES[t]
         return None
 
     def bytes_per_block(self, shapes: dict[str, tuple[int, int]], dense_bytes: int) -> int:
@@ -241,12 +247,35 @@ class WeightFormat:
         return total
 
 
+def swap_in_quantized(module: nn.Module, fmt: WeightFormat, compute_dtype: torch.dtype) -> list[str]:
+    """Replace each nn.Linear of `module` that `fmt` quantises by a BlockQuantLinear computing in
+    `compute_dtype`; returns the replaced names (relative to `module`). A layer on the `meta`
+    device gets a meta `packed` buffer (for the loader to fill); a real one is quantised now."""
+    names = []
+    for name, sub in list(module.named_modules()):
+        bt = fmt.block_type_for(f"{name}.weight")
+        if bt is None or not isinstance(sub, nn.Linear):
+            continue
+        w = sub.weight.detach()
+        packed = (torch.empty(packed_shape(tuple(w.shape), bt), dtype=torch.uint8, device="meta") if w.is_meta
+                  else quantize(w, bt))
+        bias = None if sub.bias is None else sub.bias.detach()
+        parent, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, attr,
+                BlockQuantLinear(packed, bt.name, w.shape[1], bias, compute_dtype))
+        names.append(name)
+    return names
+
+
 def _all(block_type: str | None) -> dict:
     return dict.fromkeys(BLOCK_LINEARS, block_type)
 
 
 FORMATS = {f.name: f for f in (
     WeightFormat("dense", _all(None), "weights in the compute dtype (bf16 / fp16 / fp32)"),
+    WeightFormat("q8_0_mixed", dict(_all("q8_0"), **{"sa.mat_qkv": None}),
+                 "GGUF Q8_0 blocks for the block linears except the self-attention q/k/v projection, which stays "
+                 "in the compute dtype (bf16): 9.9 bits/weight for NSARM-8B"),
     WeightFormat("q8_0", _all("q8_0"), "8.5 bits/weight GGUF Q8_0 blocks for every block linear"),
     WeightFormat("q5_1", _all("q5_1"), "6 bits/weight GGUF Q5_1 blocks for every block linear"),
     WeightFormat("q4_1", _all("q4_1"), "5 bits/weight GGUF Q4_1 blocks for every block linear"),
