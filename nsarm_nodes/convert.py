@@ -13,6 +13,7 @@ verified afterwards by re-reading the header (keys, shapes, types) and inferring
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -165,13 +166,19 @@ def write_gguf(path: str | os.PathLike, entries: Mapping[str, LazyEntry], block_
         writer.write_header_to_file(Path(tmp))
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        (fout,) = writer.fout
         for i, k in enumerate(keys):
             e = entries[k]
             t = e.load()
             if tuple(t.shape) != tuple(e.shape) or t.dtype != e.dtype:
                 raise ValueError(f"{k}: produced {tuple(t.shape)} {t.dtype}, declared {e.shape} {e.dtype}")
-            writer.write_tensor_data(t.detach().cpu().contiguous().view(torch.uint8).numpy())
-            del t
+            data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            # as GGUFWriter.write_tensor_data, but a plain file write, whose OSError carries the errno
+            # (numpy's tofile reports a full disk without one)
+            writer.write_padding(fout, fout.tell())
+            fout.write(memoryview(data))
+            writer.write_padding(fout, data.nbytes)
+            del t, data
             if progress:
                 progress(i + 1, len(keys))
         writer.flush()
@@ -183,7 +190,8 @@ def write_gguf(path: str | os.PathLike, entries: Mapping[str, LazyEntry], block_
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
-        writer.close()
+        with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+            writer.close()
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise

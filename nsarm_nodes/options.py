@@ -33,7 +33,7 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # auto: the loader decides
 ATTENTION_KERNELS = ("auto", "math")
 # Block weight storage (weights.FORMATS; "fp8", the value of old saved workflows, now loads q8_0).
-WEIGHT_FORMATS = ("dense", "fp8", "q8_0_mixed", "q8_0", "q5_1", "q4_1")
+WEIGHT_FORMATS = ("dense", "fp8", "q8_0_mixed", "q8_0", "q5_1_mixed", "q5_1", "q4_1")
 # Output image formats by file extension (Pillow format names).
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF",
                   ".tiff": "TIFF", ".bmp": "BMP"}

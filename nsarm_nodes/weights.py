@@ -277,6 +277,8 @@ FORMATS = {f.name: f for f in (
                  "GGUF Q8_0 blocks for the block linears except the self-attention q/k/v projection, which stays "
                  "in the compute dtype (bf16): 9.9 bits/weight for NSARM-8B"),
     WeightFormat("q8_0", _all("q8_0"), "8.5 bits/weight GGUF Q8_0 blocks for every block linear"),
+    WeightFormat("q5_1_mixed", dict(_all("q5_1"), **{"sa.mat_qkv": "q8_0"}),
+                 "GGUF Q5_1 blocks, the self-attention q/k/v projection Q8_0: 6.5 bits/weight for NSARM-8B"),
     WeightFormat("q5_1", _all("q5_1"), "6 bits/weight GGUF Q5_1 blocks for every block linear"),
     WeightFormat("q4_1", _all("q4_1"), "5 bits/weight GGUF Q4_1 blocks for every block linear"),
 )}

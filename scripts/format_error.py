@@ -16,7 +16,7 @@ reference) and in each format, and reports, against the float32 reference:
   (LayerNorm + Linear(C, 2 x 56), tau 0.5) and the same uniform draws for every format.
 
 Formats: `bf16` / `fp16` / `fp32` (dense blocks in that dtype, as `load_transformer(dtype=...)`),
-any name of weights.FORMATS (block weights quantised from the float32 weights, everything else bf16,
+any name of weights.FORMATS or block type (block weights quantised from the float32 weights, everything else bf16,
 compute bf16), optionally with per-linear overrides `FORMAT:LINEAR=TYPE[:...]` (TYPE a block type or
 `dense`), e.g. `dense:sa.mat_qkv=q8_0` (only the qkv projection quantised, for attribution) or
 `q5_1:sa.mat_qkv=q8_0`. `--compute fp32` dequantises and multiplies in
@@ -68,7 +68,8 @@ def variant(block: CrossAttnBlock, name: str, compute: str) -> tuple[CrossAttnBl
     if name in DENSE:
         return copy.deepcopy(block).to(DENSE[name]), DENSE[name].itemsize * 8
     base, *overrides = name.split(":")  # e.g. q8_0:sa.mat_qkv=dense, dense:ffn.fc1=q8_0
-    types = dict(weights.weight_format(base).types)
+    types = (weights.WeightFormat(base, dict.fromkeys(weights.BLOCK_LINEARS, base), "").types
+             if base in weights.BLOCK_TYPES else dict(weights.weight_format(base).types))
     for o in overrides:
         linear, _, t = o.partition("=")
         if linear not in types or (t != "dense" and t not in weights.BLOCK_TYPES):

@@ -4,6 +4,8 @@ and the memory estimate per format."""
 from __future__ import annotations
 
 import math
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ from nsarm_nodes.convert import convert_checkpoint
 from nsarm_nodes.loading import read_checkpoint
 from nsarm_nodes.lowvram import block_linear_shapes, memory_required
 from nsarm_nodes.sampler import sample
+from nsarm_nodes.schedule import scale_schedule
 from nsarm_nodes.transformer import load_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,22 +125,24 @@ def test_quantise_at_load_stores_the_checkpoint_weights_as_blocks():
     assert size(m) < 0.56 * size(dense)  # 8.5 of 16 bits for the linears
 
 
-def test_q8_0_logits_are_close_to_bf16_and_the_old_fp8_value_loads_q8_0():
+def test_8_bit_logits_stay_near_bf16_and_the_old_fp8_value_loads_q8_0():
+    """Teacher-forced logits of the first 10 scales vs float32, per generated scale (7..9): the
+    distance of q8_0 / q8_0_mixed is a small multiple of bf16's (measured 1.4x / 1.2x here)."""
     run = golden("nsarm_run_area")
-    text = (run["kv_compact"], run["cu_seqlens_k"])
-    h = golden("vae_encode")["h"]
-    forced = [run[f"bits_s{i}"] for i in range(13)]
-    bf = load_transformer(CKPT, dtype=torch.bfloat16)
+    text, h = (run["kv_compact"], run["cu_seqlens_k"]), golden("vae_encode")["h"]
+    n = 10
+    kw = dict(seed=1, forced_bits=[run[f"bits_s{i}"] for i in range(n)], return_logits=True,
+              schedule=scale_schedule(1.0, "1M")[:n])
     q8 = load_transformer(CKPT, weight_format="q8_0")
     old = load_transformer(CKPT, weight_format="fp8")  # saved workflows from before q8_0
     assert old.weight_format == "q8_0"
     assert all(torch.equal(a, b) for a, b in zip(blocks_state(q8).values(), blocks_state(old).values()))
-    kw = dict(seed=1, forced_bits=forced, return_logits=True)
-    a, b = sample(bf, None, text, h, **kw), sample(q8, None, text, h, **kw)
-    fp = sample(load_transformer(CKPT), None, text, h, **kw)
-    for x, y, r in zip(a.logits, b.logits, fp.logits):
-        # q8_0's distance from fp32 stays within a small multiple of bf16's (measured ~1.5x here)
-        assert (y - r).norm() <= 2.5 * (x - r).norm()
+    ref = sample(load_transformer(CKPT), None, text, h, **kw).logits
+    bf = sample(load_transformer(CKPT, dtype=torch.bfloat16), None, text, h, **kw).logits
+    for model, bound in ((q8, 2.0), (load_transformer(CKPT, weight_format="q8_0_mixed"), 1.5)):
+        got = sample(model, None, text, h, **kw).logits
+        for s in range(7, n):
+            assert (got[s] - ref[s]).norm() <= bound * (bf[s] - ref[s]).norm(), (model.weight_format, s)
 
 
 def test_gguf_from_convert_loads_exactly_as_quantise_at_load(tmp_path: Path):
@@ -225,8 +230,20 @@ def test_convert_cli_writes_gguf_and_checks_the_extension(tmp_path: Path):
     ok = run("--format", "q8_0", "-o", str(tmp_path / "x.gguf"))
     assert ok.returncode == 0, ok.stderr
     assert "q8_0" in ok.stdout and "verified" in ok.stdout
-    again = run("--format", "q8_0", "-o", str(tmp_path / "x.gguf"))
-    assert again.returncode != 0 and "--overwrite" in again.stderr
+    assert read_checkpoint(tmp_path / "x.gguf").metadata["nsarm.weight_format"] == "q8_0"
+
+
+def test_full_disk_while_writing_a_gguf_leaves_no_partial_file(tmp_path: Path):
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+    out = tmp_path / "x.gguf"
+    r = subprocess.run([sys.executable, "-m", "nsarm_nodes", "convert", str(CKPT), "--format", "q8_0", "-o", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, preexec_fn=limit)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"error: {out}: File too large"
+    assert "Traceback" not in r.stderr and list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------
