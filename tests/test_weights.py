@@ -273,3 +273,34 @@ def test_memory_required_counts_block_bytes_per_format():
     q8 = memory_required(cfg, 1, torch.bfloat16, weight_format="q8_0")
     assert math.isclose((q8.details["block_bytes"] - other) / (2 * per_block_linear), 8.5 / 16)
     assert memory_required(cfg, 1, torch.bfloat16, weight_format="fp8") == q8
+
+
+def test_loader_node_offers_the_formats_and_loads_a_saved_fp8_value(tmp_path: Path, monkeypatch):
+    """A workflow saved with weight_format "fp8" (per-tensor fp8, since removed) still loads: as q8_0."""
+    from nsarm_nodes import runner
+    from nsarm_nodes.testing import make_tiny_models
+
+    files = make_tiny_models(tmp_path)
+    monkeypatch.setenv("NSARM_MODELS_DIR", str(tmp_path))
+    loader = runner.load_node_classes()["NSARMModelLoader"]
+    offered = loader.INPUT_TYPES()["optional"]["weight_format"][0]
+    assert list(offered) == list(options.WEIGHT_FORMATS)
+    (model,) = loader().load(files["transformer"].name, files["vae"].name, "cached prompts only", "auto", "auto",
+                             weight_format="fp8")
+    transformer = model.pipeline.transformer
+    assert transformer.weight_format == "q8_0"
+    assert isinstance(transformer.blocks[0].ffn.fc1, weights.BlockQuantLinear)
+
+
+def test_the_transformer_imports_neither_the_memory_estimate_nor_anything_importing_it():
+    """The transformer is given its weight format (weights.py) and placement (placement.py); the
+    memory estimate (lowvram.py) imports the transformer, never the other way round."""
+    code = ("import sys, nsarm_nodes.transformer as t, nsarm_nodes.convert; "
+            "m = nsarm_nodes.transformer.load_transformer; "
+            "print(sorted(k for k in sys.modules if k.startswith('nsarm_nodes.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert "nsarm_nodes.lowvram" not in out and "nsarm_nodes.bench" not in out
+    assert "nsarm_nodes.weights" in out and "nsarm_nodes.placement" in out
+    for module in ("weights", "placement"):
+        source = (ROOT / "nsarm_nodes" / f"{module}.py").read_text()
+        assert "from ." not in source and "import nsarm_nodes" not in source  # leaves of the import graph
