@@ -500,16 +500,18 @@ def _packed_state(sd: Mapping[str, torch.Tensor], layers: list[str], fmt: weight
     """`sd` (lazy) with `<layer>.weight` of each block-quantised layer replaced by `<layer>.packed`: the
     blocks read from a .gguf file as they are, or quantised when read (on `device`) from any other
     checkpoint. A .gguf whose stored block types differ from `fmt` is refused, naming the key."""
-    stored = getattr(sd, "block_types", {})  # loading.GGUFStateDict: {key: BlockType}
-    for key, bt in stored.items():
+    gguf = hasattr(sd, "block_types")  # loading.GGUFStateDict
+    stored = sd.block_types if gguf else {}  # {key: BlockType}
+    for key in sorted(set(stored) | {f"{layer}.weight" for layer in layers}) if gguf else ():
         want = fmt.block_type_for(key) if weights.is_block_linear(key) else None
-        if want != bt:
-            made = getattr(sd, "metadata", {}).get(GGUF_FORMAT_KEY, bt.name)
+        have = stored.get(key)
+        if key in sd and want != have:
+            made = sd.metadata.get(GGUF_FORMAT_KEY, "unknown")
             raise CheckpointError(
-                f"{source}: tensor {key} is stored as {bt.name} but weight_format {fmt.name!r} expects "
-                f"{'dense weights' if want is None else want.name} there; this file was written for weight_format "
-                f"{made!r}: load it with that format, or convert the original checkpoint again with --format "
-                f"{fmt.name if fmt.quantized else 'bf16'}")
+                f"{source}: tensor {key} is stored as {have.name if have else 'dense weights'} but weight_format "
+                f"{fmt.name!r} expects {want.name if want else 'dense weights'} there; this file was written for "
+                f"weight_format {made!r}: load it with that format, or convert the original checkpoint again with "
+                f"--format {fmt.name if fmt.quantized else 'bf16'}")
     if isinstance(sd, LazyStateDict):
         entries = {k: sd.entry(k) for k in sd}
     else:

@@ -178,6 +178,10 @@ def test_gguf_of_another_format_or_shape_or_type_is_refused_naming_file_and_key(
     for fmt in ("q4_1", "dense"):
         with pytest.raises(CheckpointError, match=r"m\.gguf: tensor block_chunks\.0\.module\.0\..*q8_0.*'q8_0'"):
             load_transformer(out, weight_format=fmt)
+    mixed = convert_checkpoint(CKPT, tmp_path / "mixed.gguf", "q8_0_mixed")["path"]  # q/k/v kept bf16
+    assert isinstance(load_transformer(mixed, weight_format="q8_0_mixed").blocks[0].sa.mat_qkv, torch.nn.Linear)
+    with pytest.raises(CheckpointError, match=r"mixed\.gguf: tensor .*sa\.mat_qkv\.weight is stored as dense"):
+        load_transformer(mixed, weight_format="q8_0")  # would otherwise re-quantise the bf16 copy silently
     # a hand-made file: one block weight with the wrong width, one tensor in a type we do not read
     good = read_checkpoint(out)
 
