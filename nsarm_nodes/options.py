@@ -238,10 +238,11 @@ TABLE: dict[str, Option] = {o.name: o for o in (
     Option("attention", CHOICE, "auto", "auto = PyTorch SDPA picks flash/memory-efficient kernels; math = "
            "reference kernel (slow)", choices=ATTENTION_KERNELS),
     Option("weight_format", CHOICE, "dense", "block linear weights stored as GGUF blocks of 32 with their own "
-           "scale, dequantised per call, computed in bf16 (error per block at the real width vs bf16's, see "
-           "README): q8_0_mixed = q8_0 but the q/k/v projection bf16 (9.9 bits/weight, 1.3x bf16's error); "
-           "q8_0 (8.5 bits, 1.8x); q5_1 (6 bits); q4_1 (5 bits); fp8 = q8_0 (old workflows); a .gguf from "
-           "`convert --format F` loads with the same F", choices=WEIGHT_FORMATS),
+           "scale, dequantised per call, computed in bf16; error at the real width vs bf16's (README): "
+           "q8_0_mixed = q8_0 with the q/k/v projection bf16 (9.9 bits/weight, 1.3x); q8_0 (8.5 bits, 1.9x); "
+           "q5_1_mixed = q5_1 with q/k/v q8_0 (6.5 bits, 6.5x); q5_1 (6 bits, 11x); q4_1 (5 bits, 20x); "
+           "fp8 = q8_0 (old workflows); a .gguf from `convert --format F` loads with the same F",
+           choices=WEIGHT_FORMATS),
     Option("blocks_on_cpu", INT, 0, "keep this many transformer blocks in CPU memory and stream them in ahead "
            "of use (less VRAM, slower)", 0, 64),
     Option("offload_text_and_map", BOOLEAN, False, "keep the text path and the transformation network (~2 GB, "
