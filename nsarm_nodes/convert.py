@@ -228,7 +228,7 @@ def cmd_convert(args) -> int:
     fmt = args.format or args.dtype or "bf16"
     out = Path(args.output)
     if out.suffix.lower() not in output_suffixes(fmt):
-        raise ValueError(f"{out}: the output of --format {fmt} must be a {' or '.join(output_suffixes(fmt))} file")
+        raise ValueError(f"{out}: the output of --format {fmt} must be a {output_suffixes(fmt)[0]} file")
     check_output_file(out, args.overwrite, "-o")
     t0 = time.perf_counter()
 
