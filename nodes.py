@@ -69,6 +69,7 @@ PROMPT_CACHE_FOLDER = "nsarm_prompt_cache"
 CACHED_PROMPTS_ONLY = "cached prompts only"
 widget = options.widget  # every number / choice widget comes from the option table (nsarm_nodes/options.py)
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".sft")  # as ComfyUI's model lists
+GGUF_SUFFIX = ".gguf"  # block-quantised checkpoints from `python -m nsarm_nodes convert --format q8_0`
 LR_SIDE = 256
 SCALE = 4
 PREVIEW_FORMAT = "JPEG"
@@ -80,8 +81,8 @@ DEFAULT_PREVIEW_SIZE = 512  # ComfyUI's --preview-size default
 
 
 def _register_folders() -> None:
-    exts = set(folder_paths.supported_pt_extensions)
     for name in (MODELS_FOLDER, TEXT_FOLDER):
+        exts = set(folder_paths.supported_pt_extensions) | ({GGUF_SUFFIX} if name == MODELS_FOLDER else set())
         default = os.path.join(folder_paths.models_dir, name)
         if name in folder_paths.folder_names_and_paths:
             paths, old_exts = folder_paths.folder_names_and_paths[name]
@@ -113,7 +114,7 @@ def _model_files() -> list[str]:
     for base in _folder_paths(MODELS_FOLDER):
         if base.is_dir():
             names |= {p.relative_to(base).as_posix() for p in base.rglob("*")
-                      if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES}
+                      if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES + (GGUF_SUFFIX,)}
     return sorted(names)
 
 
@@ -352,7 +353,8 @@ class NSARMModelLoader:
         files, folders = _model_files(), _text_encoder_folders()
         return {"required": {
             "checkpoint": _combo(files, _default_checkpoint(files),
-                                 "NSARM.pth (or a converted .safetensors) in models/nsarm"),
+                                 "NSARM.pth (or a converted .safetensors, or a .gguf from convert --format q8_0 "
+                                 "with the matching weight_format) in models/nsarm"),
             "vae": _combo(files, _default_vae(files), "infinity_vae_d56_f8_14_patchify.pth in models/nsarm"),
             "text_encoder": _combo([CACHED_PROMPTS_ONLY] + folders, _default_text_encoder(folders),
                                    "Flan-T5-XL folder in models/text_encoders, loaded only for prompts not yet "

@@ -233,7 +233,8 @@ def cmd_upscale(args) -> int:
     from .pipeline import load_pipeline
 
     pipe = load_pipeline(args.models, device=args.device, dtype=args.dtype,
-                         text_encoder=not args.cached_prompts_only, strict=args.strict)
+                         text_encoder=not args.cached_prompts_only, strict=args.strict,
+                         weight_format=args.weight_format)
     for src, image, out in zip(inputs, images, outputs):
         _, h, w, _ = image.shape
         t0 = time.perf_counter()
@@ -471,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{', '.join(options.OUTPUT_FORMATS)}) or folder (an existing one, or a name without extension); "
                    "default: IN_nsarm.png beside each input")
     add_upscale_options(u)
+    add_argument(u, "weight_format")
     u.add_argument("--report", action="store_true", help="print tile count and seam score")
     u.add_argument("--overwrite", action="store_true", help="replace existing output files")
     u.set_defaults(func=cmd_upscale)

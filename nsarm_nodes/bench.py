@@ -1,4 +1,4 @@
-"""`python -m nsarm_nodes bench` (speed and memory) and `python -m nsarm_nodes convert`.
+"""`python -m nsarm_nodes bench` (speed and memory); `convert` lives in convert.py.
 
 Bench cases (each run on the fast path and the reference path in the same process, so their
 ratio is meaningful):
@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .options import WEIGHT_FORMATS
+
 CASES = ("single", "tiled")
 PATHS = ("fast", "reference")
 BUCKETS = ("0.06M", "0.25M", "0.60M", "1M")
@@ -48,7 +50,7 @@ BUCKETS = ("0.06M", "0.25M", "0.60M", "1M")
 
 
 def add_cli_commands(sub) -> None:
-    """Register the `bench` and `convert` subcommands on an argparse subparsers object."""
+    """Register the `bench` and `convert` (convert.py) subcommands on an argparse subparsers object."""
     b = sub.add_parser("bench", help="per-stage speed and peak memory (tiny model on CPU, NSARM-8B on a GPU)")
     b.add_argument("--preset", choices=("tiny", "nsarm-8b"), default="tiny")
     b.add_argument("--random-weights", action="store_true", help="random weights of the preset's shapes "
@@ -57,7 +59,8 @@ def add_cli_commands(sub) -> None:
     b.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     b.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="block compute dtype (auto: bf16 on CUDA GPUs with bf16, else fp32; as upscale)")
-    b.add_argument("--weight-format", choices=("dense", "fp8"), default="dense")
+    b.add_argument("--weight-format", choices=WEIGHT_FORMATS, default="dense",
+                   help="block weight storage (weights.FORMATS; fp8 = q8_0, kept for old command lines)")
     b.add_argument("--blocks-on-cpu", type=int, default=0, help="block swapping: blocks kept in CPU memory")
     b.add_argument("--offload-text-and-map", action="store_true",
                    help="keep the text path and transformation network on the CPU between calls")
@@ -79,8 +82,8 @@ def add_cli_commands(sub) -> None:
     b.add_argument("--json", default=None, help="also write the report as JSON to this path")
     b.add_argument("--suite", choices=("none", "gpu"), default="none",
                    help="gpu: the prepared GPU run (bf16 single+tiled on both paths, then the low-VRAM variants "
-                        "bf16+offload, fp8+offload, 3/4 of the blocks on CPU+offload, then equivalence checks: "
-                        "block swap == resident, fp8 vs bf16 logits, fast vs reference logits)")
+                        "bf16+offload, q8_0+offload, 3/4 of the blocks on CPU+offload, then equivalence checks: "
+                        "block swap == resident, q8_0 vs bf16 logits, fast vs reference logits)")
     b.add_argument("--scales", type=int, default=None, help="real-size CPU benchmark (with --preset nsarm-8b "
                    "--random-weights): write an 8B-shaped checkpoint, load it, run the first N scales (realsize_bench)")
     b.add_argument("--blocks", type=int, default=None, help="--scales: write only the first K blocks (real widths)")
@@ -88,47 +91,9 @@ def add_cli_commands(sub) -> None:
     b.add_argument("--keep", default=None, help="--scales: folder for the temporary checkpoint (default: system temp)")
     b.set_defaults(func=cmd_bench)
 
-    c = sub.add_parser("convert", help="rewrite NSARM.pth as safetensors: blocks in bf16, the rest fp32")
-    c.add_argument("src", help="NSARM.pth, an Infinity weights file / shard folder, or a .safetensors")
-    c.add_argument("-o", "--output", required=True, help="output .safetensors file")
-    c.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="block dtype")
-    c.add_argument("--overwrite", action="store_true")
-    c.set_defaults(func=cmd_convert)
+    from .convert import add_cli_command
 
-
-def cmd_convert(args) -> int:
-    import torch
-
-    from .transformer import convert_checkpoint
-
-    from .files import check_output_file
-
-    out = Path(args.output)
-    if out.suffix.lower() not in (".safetensors", ".sft"):
-        raise ValueError(f"{out}: the output must be a .safetensors file")
-    check_output_file(out, args.overwrite, "-o")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    t0 = time.perf_counter()
-
-    def progress(done: int, total: int) -> None:
-        if done == total or done % 50 == 0:
-            sys.stderr.write(f"\rconvert: {done}/{total} tensors")
-            if done == total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-
-    try:
-        info = convert_checkpoint(args.src, out, dtype, overwrite=args.overwrite, progress=progress)
-    except FileExistsError as e:
-        raise ValueError(str(e)) from None
-    except OSError as e:  # e.g. the disk filled up: no partial file is left; name the output
-        if e.filename is None or Path(str(e.filename)).name.startswith(f".{out.name}."):
-            raise OSError(e.errno, e.strerror, str(out)) from None
-        raise
-    print(f"{args.src} -> {info['path']}: {info['tensors']} tensors, {info['bytes'] / 1e9:.2f} GB "
-          f"(source {info['source_bytes'] / 1e9:.2f} GB), blocks {args.dtype}, rest fp32, verified, "
-          f"{time.perf_counter() - t0:.1f}s, peak RSS {peak_rss_bytes() / 1e9:.2f} GB")
-    return 0
+    add_cli_command(sub)
 
 
 def cmd_bench(args) -> int:
@@ -693,8 +658,8 @@ def suite_variants(o: BenchOptions, depth: int, cuda: bool) -> list[tuple[str, d
          dict(cases=("single", "tiled") if tiled else ("single",), paths=("fast", "reference"))),
         ("text path + map network offloaded (8B target: peak <= 22 GB)",
          dict(single_fast, offload_text_and_map=True)),
-        ("fp8 weights + offloaded (8B target: peak <= 14 GB)",
-         dict(single_fast, weight_format="fp8", offload_text_and_map=True)),
+        ("q8_0 weights + offloaded (8B target: peak <= 14 GB)",
+         dict(single_fast, weight_format="q8_0", offload_text_and_map=True)),
         (f"{swap} of {depth} blocks on CPU + offloaded (8B target: peak <= 10 GB)",
          dict(single_fast, blocks_on_cpu=swap, offload_text_and_map=True)),
     ]
@@ -729,7 +694,7 @@ def run_suite(o: BenchOptions, print_fn=print) -> dict:
 
 def equivalence_checks(o: BenchOptions, depth: int) -> dict:
     """On the benchmarked shapes and device: block swapping (+ offloading) gives the resident
-    model's result exactly; fp8 and the reference path give logits close to the bf16 fast path
+    model's result exactly; q8_0 weights and the reference path give logits close to the bf16 fast path
     (teacher-forced on its bits, so every scale sees the same inputs)."""
     import dataclasses
     import gc
@@ -764,7 +729,7 @@ def equivalence_checks(o: BenchOptions, depth: int) -> dict:
     gc.collect()
     swap = min(depth, max(1, round(depth * 0.75)))
     for name, over in (("block_swap", dict(blocks_on_cpu=swap, offload_text_and_map=True)),
-                       ("fp8", dict(weight_format="fp8"))):
+                       ("q8_0", dict(weight_format="q8_0"))):
         m = load_models(dataclasses.replace(base, **over), device, dtype).transformer
         if name == "block_swap":
             res = sample(m, None, text, feats, **kw)
@@ -774,7 +739,7 @@ def equivalence_checks(o: BenchOptions, depth: int) -> dict:
             checks["block_swap_max_resident"] = m.swapper.max_resident
         else:
             res = sample(m, None, text, feats, forced_bits=forced, **kw)
-            checks["fp8_vs_bf16_max_rel_logit_diff_per_scale"] = [round(rel(a, b), 5) for a, b in zip(ref.logits, res.logits)]
+            checks["q8_0_vs_bf16_max_rel_logit_diff_per_scale"] = [round(rel(a, b), 5) for a, b in zip(ref.logits, res.logits)]
         del m, res
         gc.collect()
         if device.type == "cuda":

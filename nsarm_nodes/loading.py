@@ -340,6 +340,8 @@ def read_checkpoint(src) -> Mapping:
         raise CheckpointError(f"{path}: file not found")
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         return _read_safetensors(path)
+    if path.suffix.lower() == GGUF_SUFFIX:
+        return read_gguf(path)
     if path.suffix.lower() in TORCH_SUFFIXES:
         from .torchzip import read_torch_zip  # tensors read when used, with plain reads (no memory map)
         obj = read_torch_zip(path) or _read_torch(path)
@@ -348,7 +350,7 @@ def read_checkpoint(src) -> Mapping:
         return obj
     raise CheckpointError(
         f"{path}: unknown checkpoint format {path.suffix!r}; expected one of "
-        f"{', '.join(TORCH_SUFFIXES + SAFETENSORS_SUFFIXES)} or a folder of safetensors shards"
+        f"{', '.join(TORCH_SUFFIXES + SAFETENSORS_SUFFIXES + (GGUF_SUFFIX,))} or a folder of safetensors shards"
     )
 
 
@@ -604,3 +606,74 @@ def write_safetensors(
             os.unlink(tmp)
         raise
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF files (block-quantised weights written by `python -m nsarm_nodes convert --format q8_0`)
+
+GGUF_SUFFIX = ".gguf"
+GGUF_PLAIN_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # GGMLQuantizationType F32, F16, BF16
+
+
+class GGUFStateDict(LazyStateDict):
+    """The tensors of a .gguf file, read lazily from its memory map (one tensor copied per read).
+
+    `sd[key]` is a float tensor (block-quantised tensors dequantised to float32); `packed(key)` the
+    raw GGUF blocks (uint8 [out, in / 32 * type_size]) of a block-quantised tensor;
+    `block_types` = {key: weights.BlockType} of the block-quantised tensors; `metadata` = the
+    file's string key/values."""
+
+    def __init__(self, entries: Mapping[str, LazyEntry], source: str, block_types: Mapping,
+                 packed: Mapping[str, Callable[[], torch.Tensor]], metadata: Mapping[str, str]):
+        super().__init__(entries, source)
+        self.block_types = {k: v for k, v in block_types.items() if k in self._entries}
+        self._packed, self.metadata = dict(packed), dict(metadata)
+
+    def packed(self, key: str) -> torch.Tensor:
+        return self._packed[key]()
+
+    def with_entries(self, entries: Mapping[str, LazyEntry]) -> GGUFStateDict:
+        return GGUFStateDict(entries, self.source, self.block_types, self._packed, self.metadata)
+
+
+def read_gguf(path: Path) -> GGUFStateDict:
+    """Read a .gguf file's header (tensor names, types, shapes; string metadata); tensor data stays
+    in the memory map until a tensor is indexed. Types: F32 / F16 / BF16 and the block types of
+    weights.BLOCK_TYPES (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0); any other is refused naming the key."""
+    from . import weights
+
+    try:
+        import numpy as np
+        from gguf import GGUFReader, GGUFValueType
+    except ImportError:
+        raise CheckpointError(f"{path}: reading .gguf files needs the `gguf` package: pip install gguf") from None
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - the reader raises ValueError / IndexError / struct errors
+        raise CheckpointError(f"{path}: not a readable .gguf file (truncated or corrupt download?): "
+                              f"{_error_detail(e)}. Download or convert it again") from None
+    metadata = {name: str(f.contents()) for name, f in reader.fields.items()
+                if f.types == [GGUFValueType.STRING]}
+    entries, packed, block_types = {}, {}, {}
+    for t in reader.tensors:
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        ggml = int(t.tensor_type)
+        raw = (lambda data=t.data: torch.from_numpy(np.array(data).view(np.uint8)))  # noqa: E731
+        if ggml in GGUF_PLAIN_TYPES:
+            dtype = GGUF_PLAIN_TYPES[ggml]
+            entries[t.name] = LazyEntry(lambda raw=raw, dtype=dtype, shape=shape: raw().reshape(-1).view(dtype)
+                                        .reshape(shape), shape, dtype)
+            continue
+        bt = weights.BLOCK_TYPE_BY_GGML.get(ggml)
+        if bt is None:
+            raise CheckpointError(
+                f"{path}: tensor {t.name} is stored as GGUF type {t.tensor_type.name}, which this loader does not "
+                f"read (it reads F32, F16, BF16, {', '.join(b.upper() for b in weights.BLOCK_TYPES)}); write the "
+                "file with `python -m nsarm_nodes convert CHECKPOINT --format q8_0 -o FILE.gguf`")
+        if len(shape) != 2 or shape[1] % weights.BLOCK:
+            raise CheckpointError(f"{path}: tensor {t.name} is {bt.name} with shape {list(shape)}; block-quantised "
+                                  f"tensors must be 2-D with an input width divisible by {weights.BLOCK}")
+        block_types[t.name] = bt
+        packed[t.name] = lambda raw=raw, shape=shape, bt=bt: raw().reshape(weights.packed_shape(shape, bt))
+        entries[t.name] = LazyEntry(lambda p=packed[t.name], bt=bt: weights.dequantize(p(), bt), shape, torch.float32)
+    return GGUFStateDict(entries, str(path), block_types, packed, metadata)

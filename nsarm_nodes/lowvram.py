@@ -1,60 +1,27 @@
-"""Low-VRAM machinery and the memory estimate.
+"""The memory estimate (block weight formats: weights.py; block swapping: placement.py).
 
-- `quantize_fp8`: per-tensor e4m3 storage of block linear weights (see transformer.linear).
-- `ModuleSwapper`: keeps modules (transformer blocks, or the once-per-sample text path and
-  transformation network) in CPU memory and puts them on the compute device only while they run.
-  Blocks are prefetched one ahead on a side CUDA stream with non-blocking copies from pinned
-  memory, so at most two swapped blocks are on the device at a time. On a CPU-only machine the
-  same code path runs with CPU -> CPU copies, which is how the tests check it.
 - `memory_required`: analytic peak-memory estimate of an NSARM run (weights + KV cache +
   activations of the largest scale, then the VAE decode), for ComfyUI's
   `load_models_gpu(memory_required=...)`, for choosing a tile batch, and for BENCHMARKS.md.
 
-None of this changes the numerics of a model, except fp8 storage (documented bound in
-BENCHMARKS.md / tests/test_speed_memory.py).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import weakref
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
 import torch.utils._pytree as pytree
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import weights
 from .config import NUM_REPLACED_SCALES, TransformerConfig, VAEConfig
+from .placement import ONCE_PER_SAMPLE_MODULES
 from .schedule import scale_schedule, token_counts, vae_scales
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
-# Root modules used once per sampling call (the text path) or once per LR image (map network).
-ONCE_PER_SAMPLE_MODULES = ("text_norm", "text_proj_for_sos", "text_proj_for_ca", "shared_ada_lin", "map_transformer")
 GB = 1e9
-
-
-# ---------------------------------------------------------------------------------------------
-# fp8 weights
-
-
-def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """w (any float dtype) -> (e4m3 tensor of w / s, s) with s = amax(|w|) / 448 (1 for all-zero w).
-
-    Runs where `w` is (at load time; the one .item() here is a load-time sync)."""
-    amax = float(w.abs().amax().float().item())
-    if not math.isfinite(amax):
-        raise ValueError("cannot store non-finite weights as fp8")
-    scale = amax / FP8_MAX if amax > 0 else 1.0
-    q = (w.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q, scale
-
-
-def dequantize_fp8(q: torch.Tensor, scale: float, dtype=torch.float32) -> torch.Tensor:
-    return q.to(dtype) * scale
 
 
 def offload_text_and_map_for(device, requested: bool | None = None) -> bool:
@@ -69,185 +36,6 @@ def offload_text_and_map_for(device, requested: bool | None = None) -> bool:
     if requested is False:
         return False
     return torch.device(device).type != "cpu"
-
-
-def spread(n: int, depth: int) -> list[int]:
-    """n block indices spread evenly over 0..depth-1 (so swapped blocks alternate with resident
-    ones and each copy can overlap the compute of resident blocks)."""
-    if n <= 0:
-        return []
-    return sorted({(k * depth) // n for k in range(n)})
-
-
-def to_offload(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
-    """Move a tensor to its home (offload) device; pinned when it will be copied to a GPU."""
-    t = t.to(device)
-    return t.pin_memory() if pin and t.device.type == "cpu" else t
-
-
-# ---------------------------------------------------------------------------------------------
-# Module swapping
-
-
-class ModuleSwapper:
-    """Modules whose tensors live on an offload device and visit `device` only while in use.
-
-    `acquire(i)` / `release(i)` (or the `resident(module)` context, or forward hooks when
-    `hooks=True`) put module i's parameters and buffers on the device and back. With
-    `prefetch=True`, acquiring module i starts the copy of module i+1 (cyclically, so the first
-    block of the next scale is prefetched during the last one) on a side CUDA stream; the compute
-    stream waits on an event before using it, and `record_stream` keeps the caching allocator
-    from reusing the memory early. Tensors keep their dtype (fp8 weights move as fp8).
-
-    While a module is not resident its tensors are its offload copies (CPU), so `state_dict()`
-    keeps working; `park_on_meta=True` (tests) parks them as meta tensors instead, so that any
-    use outside residency fails loudly.
-
-    Counters: `loads` (copies made), `bytes_moved`, `max_resident` (modules on the device at once,
-    in use or prefetched).
-    """
-
-    def __init__(self, modules: Iterable[nn.Module], device, *, hooks: bool = True, prefetch: bool = True,
-                 park_on_meta: bool = False):
-        self.modules = list(modules)
-        self.device = torch.device(device)
-        self.prefetch = prefetch
-        self._index = {id(m): i for i, m in enumerate(self.modules)}
-        self._slots = [self._find_slots(m) for m in self.modules]
-        self._home = [{name: self._get(slot) for name, slot in slots.items()} for slots in self._slots]
-        self._parked = self._home
-        if park_on_meta:
-            self._parked = [{n: torch.empty_like(t, device="meta") for n, t in home.items()} for home in self._home]
-            for i in range(len(self.modules)):
-                self._assign(i, self._parked[i])
-        self._users = [0] * len(self.modules)
-        self._ready: dict[int, tuple[dict[str, torch.Tensor], object]] = {}
-        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.loads = 0
-        self.bytes_moved = 0
-        self.max_resident = 0
-        self._handles = []
-        if hooks:
-            for m in self.modules:
-                self.add_hooks(m)
-
-    # -- bookkeeping ---------------------------------------------------------------------------
-
-    @staticmethod
-    def _find_slots(module: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
-        slots = {}
-        for prefix, mod in module.named_modules():
-            for attr, p in mod._parameters.items():
-                if p is not None:
-                    slots[f"{prefix}.{attr}" if prefix else attr] = (mod, attr, True)
-            for attr, b in mod._buffers.items():
-                if b is not None:
-                    slots[f"{prefix}.{attr}" if prefix else attr] = (mod, attr, False)
-        return slots
-
-    @staticmethod
-    def _get(slot) -> torch.Tensor:
-        mod, attr, is_param = slot
-        t = mod._parameters[attr] if is_param else mod._buffers[attr]
-        return t.detach()
-
-    def _assign(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
-        for name, (mod, attr, is_param) in self._slots[i].items():
-            if is_param:
-                param, t = mod._parameters[attr], tensors[name]
-                if param.is_meta or t.is_meta:  # meta <-> real cannot share a Parameter object
-                    mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
-                else:
-                    param.data = t
-            else:
-                mod._buffers[attr] = tensors[name]
-
-    def manages(self, module: nn.Module) -> bool:
-        return id(module) in self._index
-
-    def module_bytes(self, i: int) -> int:
-        return sum(t.numel() * t.element_size() for t in self._home[i].values())
-
-    @property
-    def offloaded_bytes(self) -> int:
-        return sum(self.module_bytes(i) for i in range(len(self.modules)))
-
-    def resident_count(self) -> int:
-        return sum(1 for u in self._users if u > 0) + len(self._ready)
-
-    # -- moving --------------------------------------------------------------------------------
-
-    def _fetch(self, i: int) -> None:
-        if i in self._ready or self._users[i] > 0:
-            return
-        home = self._home[i]
-        if self._stream is not None:
-            with torch.cuda.stream(self._stream):
-                copies = {n: t.to(self.device, non_blocking=True) for n, t in home.items()}
-                event = torch.cuda.Event()
-                event.record(self._stream)
-        else:
-            copies = {n: t.to(self.device, copy=True) for n, t in home.items()}
-            event = None
-        self._ready[i] = (copies, event)
-        self.loads += 1
-        self.bytes_moved += self.module_bytes(i)
-        self.max_resident = max(self.max_resident, self.resident_count())
-
-    def acquire(self, i: int) -> None:
-        if self._users[i] > 0:
-            self._users[i] += 1
-            return
-        self._fetch(i)  # no-op when prefetched
-        copies, event = self._ready.pop(i)
-        self._users[i] = 1
-        if event is not None:
-            stream = torch.cuda.current_stream(self.device)
-            stream.wait_event(event)
-            for t in copies.values():
-                t.record_stream(stream)
-        self._assign(i, copies)
-        if self.prefetch and len(self.modules) > 1:
-            self._fetch((i + 1) % len(self.modules))
-
-    def release(self, i: int) -> None:
-        if self._users[i] == 0:
-            return
-        self._users[i] -= 1
-        if self._users[i] == 0:
-            self._assign(i, self._parked[i])  # the device copies are freed here
-
-    @contextlib.contextmanager
-    def resident(self, module: nn.Module | Iterable[nn.Module] | None = None):
-        """Context with `module` (a module, several, or default all managed modules) on the device."""
-        if module is None:
-            idx = list(range(len(self.modules)))
-        elif isinstance(module, nn.Module):
-            idx = [self._index[id(module)]]
-        else:
-            idx = [self._index[id(m)] for m in module if self.manages(m)]
-        for i in idx:
-            self.acquire(i)
-        try:
-            yield
-        finally:
-            for i in idx:
-                self.release(i)
-
-    def add_hooks(self, module: nn.Module) -> None:
-        i = self._index[id(module)]
-        self._handles.append(module.register_forward_pre_hook(lambda _m, _a: self.acquire(i)))
-        self._handles.append(module.register_forward_hook(lambda _m, _a, _o: self.release(i), always_call=True))
-
-    def remove(self) -> None:
-        """Detach: hooks removed, every module back on its offload copies."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._ready.clear()
-        for i in range(len(self.modules)):
-            self._users[i] = 0
-            self._assign(i, self._home[i])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,19 +89,29 @@ def _dtype_bytes(dtype) -> int:
 def transformer_param_counts(cfg: TransformerConfig) -> dict[str, int]:
     """Parameter (+ buffer) element counts: {'block_linear', 'block_other', 'once', 'other'} where
     'once' are the modules used once per call (text path + transformation network)."""
-    from .transformer import Infinity, is_fp8_target
+    from .transformer import Infinity
 
     with torch.device("meta"):
         model = Infinity(cfg)
     counts = dict.fromkeys(("block_linear", "block_other", "once", "other"), 0)
     for name, t in model.state_dict().items():
         if name.startswith("block_chunks."):
-            counts["block_linear" if is_fp8_target(name) else "block_other"] += t.numel()
+            counts["block_linear" if weights.is_block_linear(name) else "block_other"] += t.numel()
         elif name.split(".")[0] in ONCE_PER_SAMPLE_MODULES:
             counts["once"] += t.numel()
         else:
             counts["other"] += t.numel()
     return counts
+
+
+@lru_cache(maxsize=64)
+def block_linear_shapes(cfg: TransformerConfig) -> dict[str, tuple[int, int]]:
+    """{block linear (weights.BLOCK_LINEARS): weight shape [out, in]} of one block."""
+    from .transformer import CrossAttnBlock
+
+    with torch.device("meta"):
+        block = CrossAttnBlock(cfg)
+    return {n: tuple(block.get_submodule(n).weight.shape) for n in weights.BLOCK_LINEARS}
 
 
 @lru_cache(maxsize=64)
@@ -360,7 +158,7 @@ def memory_required(
     schedule: list[tuple[int, int]] | None = None,
     cfg_scale: float = 1.0,
     text_tokens: int = 512,
-    weight_format: str = "dense",
+    weight_format: str | weights.WeightFormat = "dense",
     blocks_on_cpu: int = 0,
     offload_text_and_map: bool = False,
     prefill: bool = True,
@@ -371,7 +169,8 @@ def memory_required(
     blocks' compute dtype (bf16 as released; also the KV cache dtype); vae / vae_dtype: the VAE
     (None: not counted) and its decoder dtype (default `dtype`; the encoder is float32);
     cfg_scale != 1 doubles the transformer batch; text_tokens: prompt length (512 = the cap);
-    weight_format / blocks_on_cpu / offload_text_and_map: as in `load_transformer`.
+    weight_format / blocks_on_cpu / offload_text_and_map: as in `load_transformer` (a block-quantised
+    format stores its packed blocks and adds one dequantised weight, float32 + dtype, to the peak).
 
     Terms (see BENCHMARKS.md): weights resident on the device; KV cache = depth x 2 x bs x (all
     tokens but the last scale's) x C x dtype; the text K/V of every block; the live tensors of
@@ -381,8 +180,7 @@ def memory_required(
     (measured on the meta device). Not included: CUDA context, kernel workspaces, allocator
     fragmentation, T5 (freed after encoding in the nodes).
     """
-    if weight_format not in ("dense", "fp8"):
-        raise ValueError(f"weight_format must be 'dense' or 'fp8', got {weight_format!r}")
+    fmt = weights.weight_format(weight_format)
     schedule = schedule or scale_schedule(1.0, "1M")
     counts = token_counts(schedule)
     e = _dtype_bytes(dtype)
@@ -393,9 +191,9 @@ def memory_required(
 
     # weights
     pc = dict(_param_counts_cached(cfg))
-    per_block_linear = pc["block_linear"] // D
     per_block_other = pc["block_other"] // D
-    block_bytes = per_block_linear * (1 if weight_format == "fp8" else e) + per_block_other * e
+    shapes = block_linear_shapes(cfg)
+    block_bytes = fmt.bytes_per_block(shapes, e) + per_block_other * e
     resident_blocks = D - blocks_on_cpu + min(blocks_on_cpu, 2)  # + in use + prefetched
     once = pc["once"] * f32
     t_weights = resident_blocks * block_bytes + pc["other"] * f32 + (0 if offload_text_and_map else once)
@@ -422,6 +220,12 @@ def memory_required(
     attention = held + LC * f32 + LC * 3 * e + LC * f32 + cat_kv + LC * e * max(3, 1 + conv)
     # FFN half: block input, updated residual, modulated input (+ its cast), fc1 and GELU outputs
     ffn = held + LC * f32 * 2 + LC * e * conv + 2 * LF * e
+    # a block-quantised linear dequantises its weight on each call: float32 + dtype copies, transient
+    def dequantized(linears: tuple[str, ...]) -> int:
+        return max((math.prod(shapes[n]) * (f32 + e) for n in linears if fmt.types.get(n)), default=0)
+
+    attention += dequantized(("sa.mat_qkv", "sa.proj", "ca.mat_q", "ca.proj"))
+    ffn += dequantized(("ffn.fc1", "ffn.fc2"))
     activations = max(attention, ffn)
 
     # prefill pass (block-causal over the K known scales): smaller than the last scale for 1M

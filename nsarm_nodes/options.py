@@ -32,7 +32,8 @@ NEXT_SCALE_MODES = ("area", "trilinear")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # auto: precision.resolve_dtype
 ATTENTION_KERNELS = ("auto", "math")
-WEIGHT_FORMATS = ("dense", "fp8")
+# Block weight storage (weights.FORMATS; "fp8", the value of old saved workflows, now loads q8_0).
+WEIGHT_FORMATS = ("dense", "fp8", "q8_0_mixed", "q8_0", "q5_1_mixed", "q5_1", "q4_1")
 # Output image formats by file extension (Pillow format names).
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF",
                   ".tiff": "TIFF", ".bmp": "BMP"}
@@ -230,8 +231,12 @@ TABLE: dict[str, Option] = {o.name: o for o in (
            "text path stay fp32", choices=DTYPES),
     Option("attention", CHOICE, "auto", "auto = PyTorch SDPA picks flash/memory-efficient kernels; math = "
            "reference kernel (slow)", choices=ATTENTION_KERNELS),
-    Option("weight_format", CHOICE, "dense", "fp8 = block linear weights stored as float8 e4m3 with a per-tensor "
-           "scale (half the memory of bf16, small numerical change), computed in bf16", choices=WEIGHT_FORMATS),
+    Option("weight_format", CHOICE, "dense", "block linear weights stored as GGUF blocks of 32 with their own "
+           "scale, dequantised per call, computed in bf16; error at the real width vs bf16's (README): "
+           "q8_0_mixed = q8_0 with the q/k/v projection bf16 (9.9 bits/weight, 1.3x); q8_0 (8.5 bits, 1.9x); "
+           "q5_1_mixed = q5_1 with q/k/v q8_0 (6.5 bits, 6.5x); q5_1 (6 bits, 11x); q4_1 (5 bits, 20x); "
+           "fp8 = q8_0 (old workflows); a .gguf from `convert --format F` loads with the same F",
+           choices=WEIGHT_FORMATS),
     Option("blocks_on_cpu", INT, 0, "keep this many transformer blocks in CPU memory and stream them in ahead "
            "of use (less VRAM, slower)", 0, 64),
     Option("offload_text_and_map", BOOLEAN, True, "keep the text path and the transformation network (~2 GB, "

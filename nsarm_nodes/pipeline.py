@@ -396,7 +396,7 @@ def check_model_pair(checkpoint, vae) -> None:
 
 def load_pipeline(models_dir: str | os.PathLike, device=None, dtype: torch.dtype | str | None = None,
                   text_encoder: bool = True, offload_text_and_map: bool | None = None, *,
-                  strict: bool = False) -> NSARMPipeline:
+                  strict: bool = False, weight_format: str = "dense") -> NSARMPipeline:
     """Find and load NSARM.pth (or safetensors), the d56 VAE and Flan-T5-XL under `models_dir`.
 
     dtype: of the transformer blocks; None / "auto" = `precision.resolve_dtype`'s policy for
@@ -406,7 +406,8 @@ def load_pipeline(models_dir: str | os.PathLike, device=None, dtype: torch.dtype
     Layout (ComfyUI's): models_dir/nsarm/NSARM.pth, models_dir/nsarm/infinity_vae_d56_f8_14_patchify.pth,
     models_dir/text_encoders/flan-t5-xl/. Prompt embeddings are cached in models_dir/nsarm_prompt_cache (as inside ComfyUI).
     With text_encoder=False only cached prompts can be used. offload_text_and_map: None = the
-    default policy (`lowvram.offload_text_and_map_for`: offloaded on a GPU, not on the CPU). Raises
+    default policy (`lowvram.offload_text_and_map_for`: offloaded on a GPU, not on the CPU). `weight_format`: as in
+    `load_transformer` (e.g. "q8_0_mixed" for block-quantised weights). Raises
     MissingModelsError listing what is missing and where to get it.
     """
     from .lowvram import offload_text_and_map_for
@@ -422,6 +423,7 @@ def load_pipeline(models_dir: str | os.PathLike, device=None, dtype: torch.dtype
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     check_model_pair(found["transformer"], found["vae"])
     transformer = load_transformer(found["transformer"], device=device, dtype=dtype, strict=strict,
+                                   weight_format=weight_format,
                                    offload_text_and_map=offload_text_and_map_for(device, offload_text_and_map))
     vae = load_vae(found["vae"], device=device, strict=strict)
     encoder = T5TextEncoder(found["text encoder"], device=device) if text_encoder else None

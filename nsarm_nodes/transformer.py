@@ -11,9 +11,9 @@ A block (shared AdaLN, pre-norm):
 
 Precision: the residual stream, AdaLN modulation, LayerNorms, RoPE, the text path outside the
 blocks and the head run in float32; block linears run in the blocks' weight dtype (bf16 for the
-released setup), which is what upstream gets from its bf16 autocast. With fp8 weight storage
-(`load_transformer(weight_format="fp8")`) a block linear keeps an e4m3 weight and one float scale
-and computes in bf16 (see `linear`).
+released setup), which is what upstream gets from its bf16 autocast. With a block-quantised
+weight format (`load_transformer(weight_format="q8_0")`, weights.py) a block linear keeps GGUF
+blocks and computes in bf16 on its weight dequantised per call (see `linear`).
 
 Host/device synchronisation: nothing in a block forward or in the per-scale work reads a tensor
 back to the host (no .item() / .tolist() / tensor-valued Python conditions); per-sample text
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import re
 from collections.abc import Mapping
 
@@ -31,13 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import placement, weights
 from .config import MapNetConfig, TransformerConfig
 from .loading import (
     CheckpointError,
     Coverage,
     LazyEntry,
     LazyStateDict,
-    coverage,
     describe,
     dtype_of,
     materialize,
@@ -45,7 +44,6 @@ from .loading import (
     replace_entry,
     shape_of,
     unwrap,
-    write_safetensors,
 )
 from .precision import resolve_dtype
 from .schedule import rope_cos_sin
@@ -54,26 +52,19 @@ MAX_LOG_SCALE_MUL = math.log(100.0)  # cosine-attention temperature clamp
 POOL_HEAD_DIM = 128  # text attention-pool head width rule: heads = text_channels // 128
 CHECKPOINT_WRAPPERS = ("gpt_fsdp", "model", "state_dict", "module")
 BLOCK_KEY = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.")
+GGUF_FORMAT_KEY = "nsarm.weight_format"  # .gguf metadata: the weight format the file was written for
 
 
-FP8_ATTR = "fp8_scale"  # Linear attribute (scale: float, compute dtype) of fp8-stored weights
-
-
-def linear(x: torch.Tensor, layer: nn.Linear, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Linear layer computed in the layer's weight dtype (the input is cast to it).
 
-    fp8-stored layers (`layer.fp8_scale = (s, dtype)`, weight = e4m3 values of W / s) compute
-    `x @ W8^T * s + b` in `dtype` (bf16): the weight is widened on the fly, the per-tensor scale
-    is a Python float (no device tensor, no sync) applied to the output together with the bias.
+    `layer` is an nn.Linear, or a block-quantised layer given by the weight format
+    (weights.BlockQuantLinear: `dequantized_weight()` returns its weight in its compute dtype,
+    dequantised on this call).
     """
-    w = layer.weight
+    w = layer.weight if isinstance(layer, nn.Linear) else layer.dequantized_weight()
     b = layer.bias if bias is None else bias
-    fp8 = layer.__dict__.get(FP8_ATTR)
-    if fp8 is None:
-        return F.linear(x.to(w.dtype), w, None if b is None else b.to(w.dtype))
-    scale, dtype = fp8
-    out = F.linear(x.to(dtype), w.to(dtype))
-    return out.mul_(scale) if b is None else torch.add(b.to(dtype), out, alpha=scale)
+    return F.linear(x.to(w.dtype), w, None if b is None else b.to(w.dtype))
 
 
 def layer_norm(x: torch.Tensor, eps: float, weight=None, bias=None) -> torch.Tensor:
@@ -309,9 +300,9 @@ class Infinity(nn.Module):
             self.map_transformer = None
         self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._masks: dict[tuple, torch.Tensor] = {}
-        self.weight_format = "dense"  # or "fp8" (see load_transformer)
-        self.swapper = None  # lowvram.ModuleSwapper of blocks kept off the device, or None
-        self.offloader = None  # lowvram.ModuleSwapper of the text path + map network, or None
+        self.weight_format = "dense"  # a weights.FORMATS name (see load_transformer)
+        self.swapper = None  # placement.ModuleSwapper of blocks kept off the device, or None
+        self.offloader = None  # placement.ModuleSwapper of the text path + map network, or None
 
     @property
     def map_net(self):
@@ -324,10 +315,9 @@ class Infinity(nn.Module):
 
     @property
     def block_dtype(self) -> torch.dtype:
-        """The dtype blocks compute in (and the KV cache is kept in); bf16 for fp8-stored weights."""
-        qkv = self.block_chunks[0].module[0].sa.mat_qkv
-        fp8 = qkv.__dict__.get(FP8_ATTR)
-        return fp8[1] if fp8 is not None else qkv.weight.dtype
+        """The dtype blocks compute in (and the KV cache is kept in)."""
+        proj = self.block_chunks[0].module[0].sa.proj
+        return proj.weight.dtype if isinstance(proj, nn.Linear) else proj.compute_dtype
 
     def block_causal_mask(self, counts: list[int], device) -> torch.Tensor:
         """[n, n] bool, True where token i may attend to token j (scale(i) >= scale(j)), for scales
@@ -490,21 +480,9 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: str) -> TransformerConf
     )
 
 
-WEIGHT_FORMATS = ("dense", "fp8")
-
-
 def _block_index(name: str, per_chunk: int) -> int | None:
     m = BLOCK_KEY.match(name)
     return None if m is None else int(m.group(1)) * per_chunk + int(m.group(2))
-
-
-def is_fp8_target(name: str) -> bool:
-    """Block linear weights: the tensors fp8 storage applies to (8 C^2 + 2 C F per block, i.e.
-    99.98% of the block parameters)."""
-    return name.startswith("block_chunks.") and name.endswith(".weight") and (
-        ".sa.mat_qkv." in name or ".sa.proj." in name or ".ca.mat_q." in name or ".ca.mat_kv." in name
-        or ".ca.proj." in name or ".ffn.fc1." in name or ".ffn.fc2." in name
-    )
 
 
 def _checkpoint_state(src) -> tuple[Mapping[str, torch.Tensor], str]:
@@ -529,18 +507,55 @@ def checkpoint_coverage(src) -> Coverage:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     return coverage(expected, sd, {k: v for k, v in model.state_dict().items() if k.endswith("zero_k_bias")})
 
+def _packed_state(sd: Mapping[str, torch.Tensor], layers: list[str], fmt: weights.WeightFormat, source: str,
+                  device: torch.device) -> LazyStateDict:
+    """`sd` (lazy) with `<layer>.weight` of each block-quantised layer replaced by `<layer>.packed`: the
+    blocks read from a .gguf file as they are, or quantised when read (on `device`) from any other
+    checkpoint. A .gguf whose stored block types differ from `fmt` is refused, naming the key."""
+    gguf = hasattr(sd, "block_types")  # loading.GGUFStateDict
+    stored = sd.block_types if gguf else {}  # {key: BlockType}
+    for key in sorted(set(stored) | {f"{layer}.weight" for layer in layers}) if gguf else ():
+        want = fmt.block_type_for(key) if weights.is_block_linear(key) else None
+        have = stored.get(key)
+        if key in sd and want != have:
+            made = sd.metadata.get(GGUF_FORMAT_KEY, "unknown")
+            raise CheckpointError(
+                f"{source}: tensor {key} is stored as {have.name if have else 'dense weights'} but weight_format "
+                f"{fmt.name!r} expects {want.name if want else 'dense weights'} there; this file was written for "
+                f"weight_format {made!r}: load it with that format, or convert the original checkpoint again with "
+                f"--format {fmt.name if fmt.quantized else 'bf16'}")
+    if isinstance(sd, LazyStateDict):
+        entries = {k: sd.entry(k) for k in sd}
+    else:
+        entries = {k: LazyEntry(lambda k=k: sd[k], shape_of(sd, k), dtype_of(sd, k)) for k in sd}
+    for layer in layers:
+        key = f"{layer}.weight"
+        if key not in entries:
+            continue  # reported as missing (`.packed`) by the coverage check
+        bt = fmt.block_type_for(key)
+        shape = entries.pop(key).shape
+        if len(shape) != 2 or shape[1] % weights.BLOCK:
+            raise CheckpointError(f"{source}: tensor {key} has shape {list(shape)}, which cannot be stored as "
+                                  f"{bt.name} (2-D, input width a multiple of {weights.BLOCK}); load it dense")
+        if key in stored:
+            load = (lambda key=key: sd.packed(key))
+        else:
+            load = (lambda key=key, bt=bt: weights.quantize(sd[key].to(device), bt))
+        entries[f"{layer}.packed"] = LazyEntry(load, weights.packed_shape(shape, bt), torch.uint8)
+    return LazyStateDict(entries, source)
+
 
 def load_transformer(
     src,
     device="cpu",
     dtype: torch.dtype | None = None,
     *,
-    weight_format: str = "dense",
+    weight_format: str | weights.WeightFormat = "dense",
     blocks_on_cpu: int = 0,
     offload_text_and_map: bool = False,
     strict: bool = False,
 ) -> Infinity:
-    """Load NSARM.pth / Infinity weights (path, sharded folder or state dict).
+    """Load NSARM.pth / Infinity weights (path, sharded folder, .gguf, or state dict).
 
     `dtype` applies to the transformer blocks: None / "auto" is the one policy of
     `precision.resolve_dtype` for `device` (bf16 on CUDA GPUs with bf16, else fp32), or "bf16",
@@ -549,121 +564,63 @@ def load_transformer(
     tensors the model does not use are ignored with one warning, or refused with `strict=True`;
     NaN / inf in any tensor is an error naming it (see `loading.materialize`).
     Absent `zero_k_bias` buffers are filled with zeros; `cfg_uncond` longer than 512 rows is cut.
-    The checkpoint is read one tensor at a time (safetensors lazily, .pth memory-mapped).
+    The checkpoint is read one tensor at a time (safetensors / .gguf lazily, .pth memory-mapped).
 
-    Memory options (all keep the numerics of the blocks' compute dtype, except fp8 storage):
-    - weight_format="fp8": the block linear weights (99.98% of the block parameters) are stored as
-      float8 e4m3 with one float32 scale per tensor (amax / 448), halving block memory versus
-      bf16; they are widened to the compute dtype (`dtype`, default bf16) on the fly.
+    The transformer is given its weight format and its placement:
+    - weight_format (weights.FORMATS, or a weights.WeightFormat): "dense" keeps block weights in
+      `dtype`; "q8_0" / "q5_1" / "q4_1" store the block linear weights (99.98% of the block
+      parameters) as GGUF blocks of 32 weights with their own scale (per output row and block, so
+      q, k and v are scaled separately), quantised here tensor by tensor (on `device`) from any
+      checkpoint, or read as they are from a .gguf written by `convert --format`; they compute in
+      `dtype` (the same policy), dequantised on each call (see weights.py for the cost). "fp8" (old
+      saved workflows) means q8_0.
     - blocks_on_cpu=N: N blocks (spread evenly over the depth) live in (pinned) CPU memory and are
       copied to `device` just before they run, the next one prefetched on a side CUDA stream
       (at most two of them on the device at a time). Saves ~(N - 2) blocks of device memory; each
-      forward pass then moves N blocks over PCIe.
+      forward pass then moves N blocks over PCIe (placement.ModuleSwapper).
     - offload_text_and_map=True: the transformation network and the text path (text_norm,
       text_proj_for_sos, text_proj_for_ca, shared_ada_lin), which run once per sampling call, stay
       on the CPU and visit the device only for that call (~2 GB less resident for NSARM-8B).
     """
-    if weight_format not in WEIGHT_FORMATS:
-        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+    fmt = weights.weight_format(weight_format)
     sd, source = _checkpoint_state(src)
     cfg = infer_config(sd, source)
     if not 0 <= blocks_on_cpu <= cfg.depth:
         raise ValueError(f"blocks_on_cpu must be in 0..{cfg.depth} (the model's depth), got {blocks_on_cpu}")
     device = torch.device(device)
+    block_dtype = resolve_dtype(dtype, device)
+    if fmt.quantized and block_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"{fmt.name} weights compute in bf16 / fp16 / fp32, got dtype={dtype}")
     with torch.device("meta"):
         model = Infinity(cfg)
+    layers = [f"block_chunks.{n}" for n in weights.swap_in_quantized(model.block_chunks, fmt, block_dtype)]
+    sd = _packed_state(sd, layers, fmt, source, device)
     zero_bias = {
         name: torch.zeros(buf.shape) for name, buf in model.named_buffers() if name.endswith("zero_k_bias")
     }
-    fp8 = weight_format == "fp8"
-    # per-tensor fp8 computes in bf16 unless told otherwise (its widening is only tested that way)
-    block_dtype = torch.bfloat16 if fp8 and dtype is None else resolve_dtype(dtype, device)
-    if fp8 and block_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"fp8 weights compute in bf16 / fp16 / fp32, got dtype={dtype}")
-    from . import lowvram
-
-    swapped = set(lowvram.spread(blocks_on_cpu, cfg.depth))
+    swapped = set(placement.spread(blocks_on_cpu, cfg.depth))
     offload = torch.device("cpu")
     pin = device.type == "cuda"
-    scales: dict[str, float] = {}
 
     def dtype_for(name: str, t: torch.Tensor) -> torch.dtype:
-        if not name.startswith("block_chunks."):
-            return torch.float32
-        # fp8: quantise from the checkpoint's own precision (e.g. float32 of NSARM.pth)
-        return t.dtype if fp8 and is_fp8_target(name) else block_dtype
+        return block_dtype if name.startswith("block_chunks.") else torch.float32
 
     def transform(name: str, t: torch.Tensor) -> torch.Tensor:
-        if fp8 and is_fp8_target(name):
-            t, scales[name] = lowvram.quantize_fp8(t)
         if _block_index(name, cfg.blocks_per_chunk) in swapped or (
-                offload_text_and_map and name.split(".")[0] in lowvram.ONCE_PER_SAMPLE_MODULES):
-            t = lowvram.to_offload(t, offload, pin)
+                offload_text_and_map and name.split(".")[0] in placement.ONCE_PER_SAMPLE_MODULES):
+            t = placement.to_offload(t, offload, pin)
         return t
 
     materialize(model, sd, source=source, kind="transformer", device=device, dtype_for=dtype_for,
                 defaults=zero_bias, transform=transform, strict=strict)
     model.eval().requires_grad_(False)
-    for name, scale in scales.items():
-        layer = model.get_submodule(name.rpartition(".")[0])
-        setattr(layer, FP8_ATTR, (scale, block_dtype))
-    model.weight_format = weight_format
+    model.weight_format = fmt.name
     if swapped:
-        model.swapper = lowvram.ModuleSwapper([model.blocks[i] for i in sorted(swapped)], device,
-                                              hooks=True, prefetch=True)
+        model.swapper = placement.ModuleSwapper([model.blocks[i] for i in sorted(swapped)], device,
+                                                hooks=True, prefetch=True)
     if offload_text_and_map:
-        parts = [getattr(model, n) for n in lowvram.ONCE_PER_SAMPLE_MODULES if getattr(model, n, None) is not None]
-        model.offloader = lowvram.ModuleSwapper(parts, device, hooks=False, prefetch=False)
+        parts = [getattr(model, n) for n in placement.ONCE_PER_SAMPLE_MODULES if getattr(model, n, None) is not None]
+        model.offloader = placement.ModuleSwapper(parts, device, hooks=False, prefetch=False)
         if model.map_transformer is not None:
             model.offloader.add_hooks(model.map_transformer)
     return model
-
-
-def convert_checkpoint(src, dst, dtype: torch.dtype = torch.bfloat16, *, overwrite: bool = False,
-                       progress=None) -> dict[str, object]:
-    """Rewrite a transformer checkpoint (NSARM.pth, Infinity weights, safetensors) as one
-    .safetensors file whose block tensors are `dtype` and whose other tensors are float32, exactly
-    as `load_transformer(dtype=dtype)` would hold them (keys normalised, missing `zero_k_bias`
-    added, `cfg_uncond` cut to 512 rows). Streamed: one tensor in RAM at a time. Written
-    atomically; refuses an existing `dst` unless `overwrite`. Verified afterwards by re-reading the
-    header (keys, shapes, dtypes) and the coverage of the model built from it.
-
-    Returns {"path", "tensors", "bytes", "source_bytes"}.
-    """
-    sd, source = _checkpoint_state(src)
-    cfg = infer_config(sd, source)  # fails early on a file that is not a transformer
-    with torch.device("meta"):
-        model = Infinity(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    cov = coverage(expected, sd)
-    missing = [k for k in cov.missing if not k.endswith("zero_k_bias")]
-    if missing or cov.unexpected or cov.mismatched:
-        cov.missing = missing
-        raise CheckpointError(f"{source}: does not fit the transformer: {cov.summary()}")
-
-    def target_dtype(key: str, stored: torch.dtype) -> torch.dtype:
-        if not stored.is_floating_point:
-            return stored
-        return dtype if key.startswith("block_chunks.") else torch.float32
-
-    def entry(key: str) -> LazyEntry:
-        if key not in sd:  # zero_k_bias buffers absent from upstream checkpoints
-            want = target_dtype(key, torch.float32)
-            return LazyEntry(lambda: torch.zeros(expected[key], dtype=want), expected[key], want)
-        want = target_dtype(key, dtype_of(sd, key))
-        return LazyEntry(lambda: sd[key].to(want).contiguous(), shape_of(sd, key), want)
-
-    entries = {k: entry(k) for k in expected}
-    meta = {"format": "pt", "nsarm_converted_from": os.path.basename(source),
-            "nsarm_block_dtype": str(dtype).removeprefix("torch."), "nsarm_other_dtype": "float32"}
-    path = write_safetensors(dst, entries, meta, overwrite=overwrite, progress=progress)
-    # Verify: the header lists exactly the expected keys, shapes and dtypes.
-    back = read_checkpoint(path)
-    bad = [k for k in expected if k not in back or back.shape(k) != expected[k]
-           or back.dtype(k) != entries[k].dtype]
-    if bad or len(back) != len(expected):
-        os.replace(path, str(path) + ".invalid")
-        raise CheckpointError(f"{path}: verification failed for {bad[:8]} (moved to {path}.invalid)")
-    infer_config(back, str(path))
-    src_bytes = sum(math.prod(shape_of(sd, k)) * dtype_of(sd, k).itemsize for k in sd)
-    return {"path": path, "tensors": len(back), "bytes": back.nbytes(), "source_bytes": src_bytes}

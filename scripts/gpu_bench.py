@@ -34,12 +34,12 @@ from nsarm_nodes.config import NUM_REPLACED_SCALES  # noqa: E402
 from nsarm_nodes.sampler import sample  # noqa: E402
 from nsarm_nodes.schedule import scale_schedule, vae_scales  # noqa: E402
 from nsarm_nodes.text import PromptEmbeds  # noqa: E402
-from nsarm_nodes.transformer import WEIGHT_FORMATS  # noqa: E402
+from nsarm_nodes.weights import FORMATS as WEIGHT_FORMATS  # noqa: E402
 
 GB = 1e9
 TEXT_TOKENS = 128
 SWAPPED_BLOCKS_8B = 30  # the 12 GB recipe of the README: 30 of 40 blocks streamed from the CPU
-QUANTIZED_FORMAT = "q8_0"
+QUANTIZED_FORMATS = ("q8_0_mixed",)  # the 8-bit format that keeps quality (BENCHMARKS)
 
 
 class Clock:
@@ -131,7 +131,7 @@ def modes(tiny: bool, depth: int) -> list[tuple[str, dict]]:
     rows = [("all resident", dict(offload_text_and_map=False)),
             ("offload text+map (default)", dict(offload_text_and_map=True)),
             (f"{swap} blocks on CPU + offload", dict(blocks_on_cpu=swap, offload_text_and_map=True))]
-    return [(f"{fmt} {name}", dict(kw, weight_format=fmt)) for fmt in ("dense", QUANTIZED_FORMAT)
+    return [(f"{fmt} {name}", dict(kw, weight_format=fmt)) for fmt in ("dense",) + QUANTIZED_FORMATS
             for name, kw in rows]
 
 
