@@ -30,27 +30,27 @@ try:  # loaded by ComfyUI as a package
     from .nsarm_nodes import colorfix, options, tiling
     from .nsarm_nodes.canvas import CanvasLayout, LatentCanvas, phase_tiles
     from .nsarm_nodes.images import check_image
-    from .nsarm_nodes.lowvram import estimate_for, offload_text_and_map_for
+    from .nsarm_nodes.lowvram import estimate_for, memory_required, offload_text_and_map_for
     from .nsarm_nodes.config import DEFAULT_PROMPT
     from .nsarm_nodes.pipeline import N_SCALES, NSARMPipeline, check_model_pair
     from .nsarm_nodes.precision import resolve_dtype
     from .nsarm_nodes.sampler import sample, transformation_bits
     from .nsarm_nodes.text import PromptCache, PromptEmbeds, T5TextEncoder, negative_or_none
     from .nsarm_nodes.tiled_decode import decode_tiled
-    from .nsarm_nodes.transformer import load_transformer
+    from .nsarm_nodes.transformer import checkpoint_config, load_transformer
     from .nsarm_nodes.vae import load_vae
 except ImportError:  # loaded by path (headless runner, tests)
     from nsarm_nodes import colorfix, options, tiling
     from nsarm_nodes.canvas import CanvasLayout, LatentCanvas, phase_tiles
     from nsarm_nodes.images import check_image
-    from nsarm_nodes.lowvram import estimate_for, offload_text_and_map_for
+    from nsarm_nodes.lowvram import estimate_for, memory_required, offload_text_and_map_for
     from nsarm_nodes.config import DEFAULT_PROMPT
     from nsarm_nodes.pipeline import N_SCALES, NSARMPipeline, check_model_pair
     from nsarm_nodes.precision import resolve_dtype
     from nsarm_nodes.sampler import sample, transformation_bits
     from nsarm_nodes.text import PromptCache, PromptEmbeds, T5TextEncoder, negative_or_none
     from nsarm_nodes.tiled_decode import decode_tiled
-    from nsarm_nodes.transformer import load_transformer
+    from nsarm_nodes.transformer import checkpoint_config, load_transformer
     from nsarm_nodes.vae import load_vae
 
 try:
@@ -211,9 +211,12 @@ class NSARMModel:
     def session(self, batch: int = 1, cfg: float = 1.0):
         """Weights on the compute device (through ComfyUI's manager, which first frees room for the
         estimated activations of `batch` tiles) and the chosen attention kernel, for one node call."""
-        if self.patcher is not None:
+        if mm is not None:
             need = estimate_for(self.pipeline.transformer, self.pipeline.vae, batch, cfg_scale=cfg).inference
-            mm.load_models_gpu([self.patcher], memory_required=need)
+            if self.patcher is not None:
+                mm.load_models_gpu([self.patcher], memory_required=need)
+            else:  # self-managed placement: ComfyUI still unloads other models to make room
+                mm.free_memory(need, self.pipeline.device)
         kernel = contextlib.nullcontext()
         if self.attention == "math":
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -378,6 +381,14 @@ class NSARMModelLoader:
         self_managed = blocks_on_cpu > 0 or offload_text_and_map
         home = load_device if self_managed else _offload_device()
         check_model_pair(_resolve(MODELS_FOLDER, checkpoint), _resolve(MODELS_FOLDER, vae))  # headers only
+        if mm is not None and self_managed:
+            # loaded straight onto the device, outside ComfyUI's manager: have it unload other models
+            # until the resident weights fit (sized from the checkpoint's header, before it is read)
+            cfg = checkpoint_config(_resolve(MODELS_FOLDER, checkpoint))
+            resident = memory_required(cfg, dtype=resolve_dtype(dtype, load_device), vae=None,
+                                       weight_format=weight_format, blocks_on_cpu=blocks_on_cpu,
+                                       offload_text_and_map=offload_text_and_map).weights
+            mm.free_memory(resident, load_device)
         transformer = load_transformer(_resolve(MODELS_FOLDER, checkpoint), device=home,
                                        dtype=resolve_dtype(dtype, load_device), weight_format=weight_format,
                                        blocks_on_cpu=blocks_on_cpu, offload_text_and_map=offload_text_and_map,

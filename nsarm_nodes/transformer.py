@@ -497,6 +497,12 @@ def _checkpoint_state(src) -> tuple[Mapping[str, torch.Tensor], str]:
     return sd, source
 
 
+def checkpoint_config(src) -> TransformerConfig:
+    """The config `load_transformer` would build for `src`, from its keys and shapes only (the
+    loader node sizes the device memory it frees with it before reading the weights)."""
+    return infer_config(*_checkpoint_state(src))
+
+
 def checkpoint_coverage(src) -> Coverage:
     """Which keys of `src` the transformer uses, lacks or finds mis-shaped, as `load_transformer`
     would see them (keys normalised, absent `zero_k_bias` filled), from the checkpoint's keys and

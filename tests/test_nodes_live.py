@@ -202,3 +202,20 @@ def test_cli_queue_user_errors_exit_2_without_traceback(comfy_server, tmp_path, 
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
     assert not (tmp_path / "q").exists() or not any((tmp_path / "q").iterdir())
+
+
+def test_self_managed_placement_runs_under_comfyuis_memory_manager(comfy_server, live, tmp_path):  # noqa: F811
+    """With blocks_on_cpu (and, on a GPU, the default offload_text_and_map) the loader places the
+    weights itself and asks ComfyUI's manager to free room (comfy.model_management.free_memory at
+    load and before each run) instead of handing it a ModelPatcher: that path must run in this
+    ComfyUI and give the same pixels as the resident default (block swapping is exact)."""
+    name = "nsarm_composable"
+    prompt = json.loads((API_DIR / f"{name}_api.json").read_text())
+    prompt = runner.apply_overrides(prompt, TINY_SETS + EXTRA_SETS.get(name, []) + ["NSARMModelLoader.blocks_on_cpu=1"])
+    (loader,) = [n for n in prompt.values() if n["class_type"] == "NSARMModelLoader"]
+    assert loader["inputs"]["blocks_on_cpu"] == 1
+    image, _ = CASES[name]
+    paths = queue_workflow(comfy_server.url, prompt, {"": live["images"][image]}, out_dir=tmp_path, timeout=900)
+    assert len(paths) == 1, paths
+    got, expected = png_pixels(paths[0]), png_pixels(live["outputs"][name])
+    assert np.array_equal(got, expected), "block swapping under ComfyUI changed the image"
