@@ -480,6 +480,14 @@ def non_finite_error(source: str, kind: str, name: str, stored: torch.Tensor, dt
         f"{float(stored.float().abs().max()):.3g}); load it in bf16 or fp32 instead")
 
 
+def check_finite(t: torch.Tensor, *, source: str, kind: str, name: str, stored: torch.Tensor | None = None) -> None:
+    """Raise `non_finite_error` when floating-point `t` (tensor `name`, as read from `stored`,
+    default `t`) holds NaN / inf: the check `materialize` runs on each tensor as it is read, also
+    used where a loader quantises a tensor before it reaches `materialize`."""
+    if t.is_floating_point() and not _all_finite(t):
+        raise non_finite_error(source, kind, name, t if stored is None else stored, t.dtype)
+
+
 def materialize(
     module: nn.Module,
     sd: Mapping[str, torch.Tensor],
@@ -519,8 +527,7 @@ def materialize(
             dtype_for(name, value) if dtype_for else value.dtype
         )
         new = value.to(device=device, dtype=dtype, copy=True).contiguous()
-        if new.is_floating_point() and not _all_finite(new):
-            raise non_finite_error(source, kind, name, value, new.dtype)
+        check_finite(new, source=source, kind=kind, name=name, stored=value)
         del value
         if transform is not None:
             new = transform(name, new)

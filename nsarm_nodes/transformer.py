@@ -22,6 +22,7 @@ lengths are read once in `condition`, the block-causal prefill mask is cached pe
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -37,6 +38,8 @@ from .loading import (
     Coverage,
     LazyEntry,
     LazyStateDict,
+    check_finite,
+    coverage,
     describe,
     dtype_of,
     materialize,
@@ -513,6 +516,14 @@ def checkpoint_coverage(src) -> Coverage:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     return coverage(expected, sd, {k: v for k, v in model.state_dict().items() if k.endswith("zero_k_bias")})
 
+def _quantized(sd: Mapping[str, torch.Tensor], key: str, bt, source: str, device: torch.device) -> torch.Tensor:
+    """Checkpoint tensor `key` read, checked for NaN / inf as `materialize` checks every tensor
+    (naming the file and key), and quantised to block type `bt` on `device`."""
+    w = sd[key].to(device)
+    check_finite(w, source=source, kind="transformer", name=key)
+    return weights.quantize(w, bt)
+
+
 def _packed_state(sd: Mapping[str, torch.Tensor], layers: list[str], fmt: weights.WeightFormat, source: str,
                   device: torch.device) -> LazyStateDict:
     """`sd` (lazy) with `<layer>.weight` of each block-quantised layer replaced by `<layer>.packed`: the
@@ -546,7 +557,7 @@ def _packed_state(sd: Mapping[str, torch.Tensor], layers: list[str], fmt: weight
         if key in stored:
             load = (lambda key=key: sd.packed(key))
         else:
-            load = (lambda key=key, bt=bt: weights.quantize(sd[key].to(device), bt))
+            load = functools.partial(_quantized, sd, key, bt, source, device)
         entries[f"{layer}.packed"] = LazyEntry(load, weights.packed_shape(shape, bt), torch.uint8)
     return LazyStateDict(entries, source)
 

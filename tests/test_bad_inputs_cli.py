@@ -628,7 +628,7 @@ def test_non_finite_weights_are_refused_naming_file_and_key(models, tmp_path):
 
 def test_every_loaded_tensor_is_checked_once_as_it_is_read(models, monkeypatch):
     """The finiteness check runs in the loading pass itself: once per floating-point tensor of the
-    transformer (fp8-quantised weights before quantisation) and of the VAE, never a second pass."""
+    transformer (block-quantised weights before quantisation) and of the VAE, never a second pass."""
     from nsarm_nodes import load_transformer, load_vae, loading
 
     checked: list[tuple[tuple[int, ...], torch.dtype]] = []
@@ -640,22 +640,22 @@ def test_every_loaded_tensor_is_checked_once_as_it_is_read(models, monkeypatch):
 
     monkeypatch.setattr(loading, "_all_finite", spy)
     sd = load_file(str(models / "nsarm" / "NSARM.safetensors"))
-    for fmt in ("dense", "fp8"):
+    for fmt in ("dense", "q8_0"):
         checked.clear()
         model = load_transformer(models / "nsarm" / "NSARM.safetensors", weight_format=fmt)
-        floats = [n for n, t in model.state_dict().items() if n in sd and sd[n].is_floating_point()]
-        assert len(checked) == len(floats) + sum(n.endswith("zero_k_bias") for n in model.state_dict()
-                                                 if n not in sd), fmt
-        assert all(dtype in (torch.float32, torch.bfloat16) for _, dtype in checked)  # never the fp8 copy
+        names = [n.removesuffix(".packed") + ".weight" if n.endswith(".packed") else n for n in model.state_dict()]
+        floats = [n for n in names if n in sd and sd[n].is_floating_point()]
+        assert len(checked) == len(floats) + sum(n.endswith("zero_k_bias") for n in names if n not in sd), fmt
+        assert all(dtype in (torch.float32, torch.bfloat16) for _, dtype in checked)  # never the packed q8_0 blocks
     checked.clear()
     vae = load_vae(models / "nsarm" / "infinity_vae_d56_f8_14_patchify.safetensors")
     assert len(checked) == sum(t.is_floating_point() for t in vae.state_dict().values())
     monkeypatch.setattr(loading, "_all_finite", original)
-    # a NaN anywhere, including a weight the fp8 format quantises, is named
+    # a NaN anywhere, including a weight the q8_0 format quantises, is named
     groups = ["text_norm.weight", "word_embed.weight", "head.weight", "cfg_uncond",
               "block_chunks.0.module.0.sa.mat_qkv.weight", "block_chunks.1.module.0.ada_gss"]
     for key in groups:
-        for fmt in ("dense", "fp8"):
+        for fmt in ("dense", "q8_0"):
             with pytest.raises(CheckpointError, match=rf"<state dict>: tensor {re.escape(key)} of the transformer"):
                 load_transformer(_with_bad_value(sd, key, float("nan")), weight_format=fmt)
     vsd = load_file(str(models / "nsarm" / "infinity_vae_d56_f8_14_patchify.safetensors"))

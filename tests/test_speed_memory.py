@@ -7,7 +7,6 @@ Everything runs on the CPU; GPU-only properties are checked through what decides
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 import weakref

@@ -23,6 +23,7 @@ from nsarm_nodes.config import PRESETS
 from nsarm_nodes.convert import convert_checkpoint
 from nsarm_nodes.loading import read_checkpoint
 from nsarm_nodes.lowvram import block_linear_shapes, memory_required
+from nsarm_nodes.precision import resolve_dtype
 from nsarm_nodes.sampler import sample
 from nsarm_nodes.schedule import scale_schedule
 from nsarm_nodes.transformer import load_transformer
@@ -114,7 +115,7 @@ def blocks_state(m) -> dict[str, torch.Tensor]:
 
 
 def test_quantise_at_load_stores_the_checkpoint_weights_as_blocks():
-    m = load_transformer(CKPT, weight_format="q8_0")
+    m = load_transformer(CKPT, weight_format="q8_0", dtype=torch.bfloat16)
     sd = read_checkpoint(CKPT)
     layer = m.blocks[1].ffn.fc2
     assert isinstance(layer, weights.BlockQuantLinear) and m.block_dtype == torch.bfloat16
@@ -123,6 +124,8 @@ def test_quantise_at_load_stores_the_checkpoint_weights_as_blocks():
     dense = load_transformer(CKPT, dtype=torch.bfloat16)
     size = lambda model: sum(t.numel() * t.element_size() for t in blocks_state(model).values())  # noqa: E731
     assert size(m) < 0.56 * size(dense)  # 8.5 of 16 bits for the linears
+    # without a dtype, block formats compute in the one dtype policy's choice, like dense weights
+    assert load_transformer(CKPT, weight_format="q8_0").block_dtype == resolve_dtype(None, "cpu") == torch.float32
 
 
 def test_8_bit_logits_stay_near_bf16_and_the_old_fp8_value_loads_q8_0():
@@ -133,13 +136,13 @@ def test_8_bit_logits_stay_near_bf16_and_the_old_fp8_value_loads_q8_0():
     n = 10
     kw = dict(seed=1, forced_bits=[run[f"bits_s{i}"] for i in range(n)], return_logits=True,
               schedule=scale_schedule(1.0, "1M")[:n])
-    q8 = load_transformer(CKPT, weight_format="q8_0")
-    old = load_transformer(CKPT, weight_format="fp8")  # saved workflows from before q8_0
+    q8 = load_transformer(CKPT, weight_format="q8_0", dtype=torch.bfloat16)
+    old = load_transformer(CKPT, weight_format="fp8", dtype=torch.bfloat16)  # saved workflows from before q8_0
     assert old.weight_format == "q8_0"
     assert all(torch.equal(a, b) for a, b in zip(blocks_state(q8).values(), blocks_state(old).values()))
     ref = sample(load_transformer(CKPT), None, text, h, **kw).logits
     bf = sample(load_transformer(CKPT, dtype=torch.bfloat16), None, text, h, **kw).logits
-    for model, bound in ((q8, 2.0), (load_transformer(CKPT, weight_format="q8_0_mixed"), 1.5)):
+    for model, bound in ((q8, 2.0), (load_transformer(CKPT, weight_format="q8_0_mixed", dtype=torch.bfloat16), 1.5)):
         got = sample(model, None, text, h, **kw).logits
         for s in range(7, n):
             assert (got[s] - ref[s]).norm() <= bound * (bf[s] - ref[s]).norm(), (model.weight_format, s)
