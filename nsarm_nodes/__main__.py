@@ -274,8 +274,8 @@ def cmd_upscale_dir(args) -> int:
                            gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker)
     summary = run_folder_job(
         args.in_dir, args.out_dir, args.models, pipe_kwargs=pipeline_kwargs(args), seed=args.seed, device=device,
-        dtype=args.dtype, strict=args.strict, cached_prompts_only=args.cached_prompts_only, max_pixels=args.max_pixels,
-        overwrite=args.overwrite, retry_failed=args.retry_failed, engine=engine, dry_run=args.dry_run,
+        dtype=args.dtype, weight_format=args.weight_format, strict=args.strict,
+        cached_prompts_only=args.cached_prompts_only, max_pixels=args.max_pixels, overwrite=args.overwrite, retry_failed=args.retry_failed, engine=engine, dry_run=args.dry_run,
         verbose=args.verbose)
     return summary.exit_code
 
@@ -445,6 +445,7 @@ def add_upscale_options(p: argparse.ArgumentParser, local_device: bool = True) -
         add_argument(p, "device", type=str, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu); "
                      "with --ray: cuda or cpu (Ray gives each worker its GPU)")
     add_argument(p, "dtype")
+    add_argument(p, "weight_format")
     add_argument(p, "strict")
     p.add_argument("--cached-prompts-only", action="store_true", help="do not load T5; use cached prompts")
 
@@ -472,7 +473,6 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{', '.join(options.OUTPUT_FORMATS)}) or folder (an existing one, or a name without extension); "
                    "default: IN_nsarm.png beside each input")
     add_upscale_options(u)
-    add_argument(u, "weight_format")
     u.add_argument("--report", action="store_true", help="print tile count and seam score")
     u.add_argument("--overwrite", action="store_true", help="replace existing output files")
     u.set_defaults(func=cmd_upscale)

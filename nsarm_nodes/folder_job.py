@@ -210,7 +210,8 @@ def fingerprint(path: Path) -> str:
     return f"{path.name}:{size}:{h.hexdigest()[:16]}"
 
 
-def job_params(pipe_kwargs: dict, seed: int, dtype: str, model_files: dict[str, Path]) -> dict:
+def job_params(pipe_kwargs: dict, seed: int, dtype: str, model_files: dict[str, Path],
+               weight_format: str = "dense") -> dict:
     """The parameters that determine the output pixels (the job key is their hash); options left
     out of `pipe_kwargs` count with the pipeline's defaults."""
     import inspect
@@ -224,7 +225,10 @@ def job_params(pipe_kwargs: dict, seed: int, dtype: str, model_files: dict[str, 
               for k, v in sorted({**defaults, **pipe_kwargs}.items()) if k not in EXECUTION_ONLY}
     if params.get("cfg", 1.0) == 1.0 or negative_or_none(params.get("negative_prompt")) is None:
         params["negative_prompt"] = None  # unused without guidance; blank = none (the same pixels)
+    from .weights import weight_format as format_named
+
     params.update(seed=int(seed), seed_rule="sha256-path/1", dtype=dtype,
+                  weight_format=format_named(weight_format).name,  # "fp8" and "q8_0" alike
                   models={role: fingerprint(path) for role, path in sorted(model_files.items())})
     return params
 
@@ -285,6 +289,7 @@ class JobSpec:
     key: str
     device: str | None = None
     dtype: str = "auto"
+    weight_format: str = "dense"
     strict: bool = False  # refuse checkpoints with unused tensors (they never change the output)
     cached_prompts_only: bool = False
     overwrite: bool = False
@@ -319,7 +324,8 @@ class ImageWorker:
             torch.set_num_threads(spec.threads)
         self.spec = spec
         self.pipe = load_pipeline(spec.models, device=spec.device, dtype=spec.dtype,
-                                  text_encoder=not spec.cached_prompts_only, strict=spec.strict)
+                                  text_encoder=not spec.cached_prompts_only, strict=spec.strict,
+                                  weight_format=spec.weight_format)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.finished = 0
 
@@ -668,7 +674,8 @@ def _clean_debris(out_dir: Path, outputs: Iterable[Path]) -> None:
 
 
 def run_folder_job(in_dir, out_dir, models, *, pipe_kwargs: dict, seed: int = 1, device: str | None = None,
-                   dtype: str = "auto", strict: bool = False, cached_prompts_only: bool = False,
+                   dtype: str = "auto", weight_format: str = "dense", strict: bool = False,
+                   cached_prompts_only: bool = False,
                    max_pixels: int = DEFAULT_MAX_PIXELS,
                    overwrite: bool = False, retry_failed: bool = False, engine: Embedded | RayEngine | None = None,
                    dry_run: bool = False, verbose: bool = False, stdout=None, stderr=None) -> JobSummary:
@@ -694,7 +701,7 @@ def run_folder_job(in_dir, out_dir, models, *, pipe_kwargs: dict, seed: int = 1,
         raise JobError(f"{out_dir}: OUT_DIR must not be IN_DIR or contain it (outputs could replace inputs); "
                        "choose another OUT_DIR")
 
-    found = {spec.role: find_weight(models, spec) for spec in WEIGHTS}
+    found = {spec.role: find_weight(models, spec, weight_format) for spec in WEIGHTS}
     needed = ["transformer", "vae"] + ([] if cached_prompts_only else ["text encoder"])
     missing = [role for role in needed if found[role] is None]
     if missing:
@@ -705,7 +712,8 @@ def run_folder_job(in_dir, out_dir, models, *, pipe_kwargs: dict, seed: int = 1,
     rels, problems = discover(in_dir, exclude=[out_dir])
     names = output_names(rels)
     items = [Item(rel, names[rel], image_seed(seed, rel)) for rel in rels]
-    params = job_params(pipe_kwargs, seed, dtype, {"transformer": found["transformer"], "vae": found["vae"]})
+    params = job_params(pipe_kwargs, seed, dtype, {"transformer": found["transformer"], "vae": found["vae"]},
+                        weight_format)
     key = job_key(params)
     summary = JobSummary(total=len(items))
     if dry_run:
@@ -757,7 +765,8 @@ def run_folder_job(in_dir, out_dir, models, *, pipe_kwargs: dict, seed: int = 1,
               file=stderr, flush=True)
         t0 = time.perf_counter()
         spec = JobSpec(str(in_dir), str(out_dir), str(models), dict(pipe_kwargs), params, key, device=device,
-                       dtype=dtype, strict=strict, cached_prompts_only=cached_prompts_only, overwrite=overwrite,
+                       dtype=dtype, weight_format=weight_format, strict=strict,
+                       cached_prompts_only=cached_prompts_only, overwrite=overwrite,
                        max_pixels=max_pixels)
         stop: KeyboardInterrupt | None = None
         try:

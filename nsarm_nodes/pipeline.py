@@ -80,8 +80,22 @@ WEIGHTS = (
 )
 
 
-def find_weight(models_dir: Path, spec: WeightFile) -> Path | None:
-    for name in spec.names:
+def gguf_name(weight_format: str) -> str:
+    """The file name `convert --format F` is documented with (README): NSARM_<F>.gguf."""
+    from .weights import weight_format as format_named
+
+    return f"NSARM_{format_named(weight_format).name}.gguf"
+
+
+def find_weight(models_dir: Path, spec: WeightFile, weight_format: str = "dense") -> Path | None:
+    """The first accepted file of `spec` under `models_dir`; for the transformer with a block
+    `weight_format`, its pre-quantised NSARM_<format>.gguf comes first (no quantising at load)."""
+    from .weights import weight_format as format_named
+
+    names = spec.names
+    if spec.role == "transformer" and format_named(weight_format).quantized:
+        names = (gguf_name(weight_format),) + names
+    for name in names:
         for base in (models_dir / spec.subdir, models_dir):
             if (base / name).exists():
                 return base / name
@@ -407,7 +421,8 @@ def load_pipeline(models_dir: str | os.PathLike, device=None, dtype: torch.dtype
     models_dir/text_encoders/flan-t5-xl/. Prompt embeddings are cached in models_dir/nsarm_prompt_cache (as inside ComfyUI).
     With text_encoder=False only cached prompts can be used. offload_text_and_map: None = the
     default policy (`lowvram.offload_text_and_map_for`: offloaded on a GPU, not on the CPU). `weight_format`: as in
-    `load_transformer` (e.g. "q8_0_mixed" for block-quantised weights). Raises
+    `load_transformer` (e.g. "q8_0_mixed" for block-quantised weights); models_dir/nsarm/NSARM_<format>.gguf
+    (`convert --format`) is used when present, else the checkpoint is quantised while loading. Raises
     MissingModelsError listing what is missing and where to get it.
     """
     from .lowvram import offload_text_and_map_for
@@ -415,7 +430,7 @@ def load_pipeline(models_dir: str | os.PathLike, device=None, dtype: torch.dtype
     from .vae import load_vae
 
     root = Path(models_dir)
-    found = {spec.role: find_weight(root, spec) for spec in WEIGHTS}
+    found = {spec.role: find_weight(root, spec, weight_format) for spec in WEIGHTS}
     needed = ["transformer", "vae"] + (["text encoder"] if text_encoder else [])
     missing = [r for r in needed if found[r] is None]
     if missing:

@@ -581,7 +581,7 @@ def load_transformer(
     tensors the model does not use are ignored with one warning, or refused with `strict=True`;
     NaN / inf in any tensor is an error naming it (see `loading.materialize`).
     Absent `zero_k_bias` buffers are filled with zeros; `cfg_uncond` longer than 512 rows is cut.
-    The checkpoint is read one tensor at a time (safetensors / .gguf lazily, .pth memory-mapped).
+    The checkpoint is read one tensor at a time (safetensors, .gguf and .pth lazily; torchzip.py).
 
     The transformer is given its weight format and its placement:
     - weight_format (weights.FORMATS, or a weights.WeightFormat): "dense" keeps block weights in

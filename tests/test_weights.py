@@ -312,3 +312,25 @@ def test_the_transformer_imports_neither_the_memory_estimate_nor_anything_import
     for module in ("weights", "placement"):
         source = (ROOT / "nsarm_nodes" / f"{module}.py").read_text()
         assert "from ." not in source and "import nsarm_nodes" not in source  # leaves of the import graph
+
+
+def test_cli_and_folder_job_pick_the_formats_gguf_and_key_the_job_by_format(tmp_path: Path):
+    """`upscale` / `upscale-dir --weight-format F` load models/nsarm/NSARM_F.gguf when it exists (no
+    quantising at load), else the checkpoint; the folder job's key counts the format ("fp8" = q8_0)."""
+    from nsarm_nodes.__main__ import build_parser
+    from nsarm_nodes.folder_job import job_key, job_params
+    from nsarm_nodes.pipeline import WEIGHTS, find_weight
+
+    (tmp_path / "nsarm").mkdir()
+    for name in ("NSARM.safetensors", "NSARM_q8_0.gguf"):
+        (tmp_path / "nsarm" / name).write_bytes(b"x")
+    (spec,) = [s for s in WEIGHTS if s.role == "transformer"]
+    picked = {fmt: find_weight(tmp_path, spec, fmt).name for fmt in ("dense", "q8_0", "fp8", "q4_1")}
+    assert picked == {"dense": "NSARM.safetensors", "q8_0": "NSARM_q8_0.gguf", "fp8": "NSARM_q8_0.gguf",
+                      "q4_1": "NSARM.safetensors"}
+    for command in (["upscale", "in.png", "-o", "out.png"], ["upscale-dir", "in", "out"]):
+        args = build_parser().parse_args(command + ["--models", str(tmp_path), "--weight-format", "q8_0_mixed"])
+        assert args.weight_format == "q8_0_mixed", command
+    files = {"transformer": tmp_path / "nsarm" / "NSARM.safetensors"}
+    keys = {fmt: job_key(job_params({}, 1, "auto", files, fmt)) for fmt in ("dense", "q8_0", "fp8", "q8_0_mixed")}
+    assert keys["fp8"] == keys["q8_0"] and len({keys["dense"], keys["q8_0"], keys["q8_0_mixed"]}) == 3
