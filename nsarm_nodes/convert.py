@@ -30,6 +30,7 @@ from .loading import (
     SAFETENSORS_SUFFIXES,
     CheckpointError,
     LazyEntry,
+    check_coverage,
     coverage,
     dtype_of,
     read_checkpoint,
@@ -51,14 +52,15 @@ def output_suffixes(fmt: str) -> tuple[str, ...]:
 
 
 def convert_checkpoint(src, dst, format: str = "bf16", *, dtype: torch.dtype | None = None,  # noqa: A002
-                       overwrite: bool = False, progress: Callable[[int, int], None] | None = None
-                       ) -> dict[str, object]:
+                       overwrite: bool = False, strict: bool = False,
+                       progress: Callable[[int, int], None] | None = None) -> dict[str, object]:
     """Rewrite the transformer checkpoint `src` as `dst` in `format` (CONVERT_FORMATS).
 
     Dense formats: one .safetensors whose block tensors are that dtype and the rest float32.
     Block formats: one .gguf whose block linear weights are GGUF blocks (quantised from the
     checkpoint's own precision), the other block tensors `dtype` (default bf16, the compute dtype
-    the loader will use) and the rest float32. Returns {"path", "tensors", "bytes", "source_bytes"}.
+    the loader will use) and the rest float32. Tensors the model does not use are left out with one
+    warning (`strict`: refused, as in loading). Returns {"path", "tensors", "bytes", "source_bytes"}.
     """
     if format not in CONVERT_FORMATS:
         raise ValueError(f"format must be one of {CONVERT_FORMATS}, got {format!r}")
@@ -76,10 +78,9 @@ def convert_checkpoint(src, dst, format: str = "bf16", *, dtype: torch.dtype | N
         model = Infinity(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     cov = coverage(expected, sd)
-    missing = [k for k in cov.missing if not k.endswith("zero_k_bias")]
-    if missing or cov.unexpected or cov.mismatched:
-        cov.missing = missing
-        raise CheckpointError(f"{source}: does not fit the transformer: {cov.summary()}")
+    cov.missing = [k for k in cov.missing if not k.endswith("zero_k_bias")]
+    # as loading: tensors the model does not use are left out with one warning (strict: refused)
+    check_coverage(cov, source=source, kind="transformer", strict=strict)
 
     def target_dtype(key: str, stored: torch.dtype) -> torch.dtype:
         if not stored.is_floating_point:
@@ -204,6 +205,8 @@ def write_gguf(path: str | os.PathLike, entries: Mapping[str, LazyEntry], block_
 
 def add_cli_command(sub) -> None:
     """Register the `convert` subcommand on an argparse subparsers object."""
+    from .options import add_argument
+
     c = sub.add_parser("convert", help="rewrite NSARM.pth as bf16 safetensors, or as a block-quantised .gguf")
     c.add_argument("src", help="NSARM.pth, an Infinity weights file / shard folder, or a .safetensors")
     c.add_argument("-o", "--output", required=True, help="output file: .safetensors for bf16 / fp16 / fp32, "
@@ -216,6 +219,7 @@ def add_cli_command(sub) -> None:
                    help="block dtype of a dense output (same as --format bf16 / fp16 / fp32; kept for old "
                         "command lines)")
     c.add_argument("--overwrite", action="store_true")
+    add_argument(c, "strict")
     c.set_defaults(func=cmd_convert)
 
 
@@ -240,7 +244,8 @@ def cmd_convert(args) -> int:
             sys.stderr.flush()
 
     try:
-        info = convert_checkpoint(args.src, out, fmt, overwrite=args.overwrite, progress=progress)
+        info = convert_checkpoint(args.src, out, fmt, overwrite=args.overwrite, strict=args.strict,
+                                  progress=progress)
     except FileExistsError as e:
         raise ValueError(str(e)) from None
     except OSError as e:  # e.g. the disk filled up: no partial file is left; name the output

@@ -571,6 +571,15 @@ def test_unexpected_keys_warn_and_strict_refuses(models, tmp_path):
     assert_user_error(cli("upscale", src, "-o", tmp_path / "strict.png", "--models", folder, "--strict"),
                       "NSARM.pth: does not fit the transformer: 12 unexpected key(s)", "load without strict")
     assert not (tmp_path / "strict.png").exists()
+    # convert leaves them out the same way (one warning; --strict refuses, writing nothing)
+    code, _, err = cli("convert", tmp_path / "extra.pth", "-o", tmp_path / "clean.safetensors")
+    assert code == 0, err
+    (note,) = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert "extra.pth: ignoring tensors the transformer does not use: 12 unexpected key(s)" in note
+    assert set(load_file(str(tmp_path / "clean.safetensors"))) == set(sd)
+    assert_user_error(cli("convert", tmp_path / "extra.pth", "-o", tmp_path / "strict.safetensors", "--strict"),
+                      "extra.pth: does not fit the transformer: 12 unexpected key(s)", "load without strict")
+    assert not (tmp_path / "strict.safetensors").exists()
 
 
 def test_check_models_reports_key_coverage_from_the_headers(models, tmp_path, monkeypatch):
