@@ -14,6 +14,7 @@ verified afterwards by re-reading the header (keys, shapes, types) and inferring
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -31,13 +32,14 @@ from .loading import (
     CheckpointError,
     LazyEntry,
     check_coverage,
+    check_finite,
     coverage,
     dtype_of,
     read_checkpoint,
     shape_of,
     write_safetensors,
 )
-from .transformer import GGUF_FORMAT_KEY, Infinity, _checkpoint_state, infer_config
+from .transformer import GGUF_FORMAT_KEY, Infinity, _checkpoint_state, infer_config, quantized_entry
 
 DENSE_FORMATS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BLOCK_FORMATS = tuple(n for n, f in weights.FORMATS.items() if f.quantized)
@@ -49,6 +51,14 @@ GGUF_DENSE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30}
 
 def output_suffixes(fmt: str) -> tuple[str, ...]:
     return SAFETENSORS_SUFFIXES if fmt in DENSE_FORMATS else (GGUF_SUFFIX,)
+
+
+def _dense_entry(sd: Mapping[str, torch.Tensor], key: str, dtype: torch.dtype, source: str) -> torch.Tensor:
+    """Checkpoint tensor `key` in `dtype`, checked for NaN / inf as loading checks it."""
+    value = sd[key]  # read once
+    t = value.to(dtype).contiguous()
+    check_finite(t, source=source, kind="transformer", name=key, stored=value)
+    return t
 
 
 def convert_checkpoint(src, dst, format: str = "bf16", *, dtype: torch.dtype | None = None,  # noqa: A002
@@ -92,10 +102,11 @@ def convert_checkpoint(src, dst, format: str = "bf16", *, dtype: torch.dtype | N
             want = target_dtype(key, torch.float32)
             return LazyEntry(lambda: torch.zeros(expected[key], dtype=want), expected[key], want)
         bt = fmt.block_type_for(key) if weights.is_block_linear(key) else None
-        if bt is not None:
-            return LazyEntry(lambda: weights.quantize(sd[key], bt), weights.packed_shape(expected[key], bt), torch.uint8)
+        if bt is not None:  # read, checked for NaN / inf (naming the key) and quantised, as loading does
+            return LazyEntry(functools.partial(quantized_entry, sd, key, bt, source, torch.device("cpu")),
+                             weights.packed_shape(expected[key], bt), torch.uint8)
         want = target_dtype(key, dtype_of(sd, key))
-        return LazyEntry(lambda: sd[key].to(want).contiguous(), shape_of(sd, key), want)
+        return LazyEntry(functools.partial(_dense_entry, sd, key, want, source), shape_of(sd, key), want)
 
     entries = {k: entry(k) for k in expected}
     meta = {"nsarm_converted_from": os.path.basename(source),

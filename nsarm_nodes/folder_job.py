@@ -228,8 +228,10 @@ def job_params(pipe_kwargs: dict, seed: int, dtype: str, model_files: dict[str, 
     from .weights import weight_format as format_named
 
     params.update(seed=int(seed), seed_rule="sha256-path/1", dtype=dtype,
-                  weight_format=format_named(weight_format).name,  # "fp8" and "q8_0" alike
                   models={role: fingerprint(path) for role, path in sorted(model_files.items())})
+    fmt = format_named(weight_format).name  # "fp8" and "q8_0" alike
+    if fmt != "dense":  # dense stays out, so jobs started before weight formats existed keep their key
+        params["weight_format"] = fmt
     return params
 
 

@@ -37,6 +37,12 @@ class _Unsupported(Exception):
     """Something this reader does not handle; torch.load takes over."""
 
 
+# Anything a damaged or unusual archive / pickle raises while it is parsed: torch.load takes over
+# (and gives its own error, or reads the file), never a traceback from here.
+NOT_HANDLED = (_Unsupported, zipfile.BadZipFile, KeyError, pickle.UnpicklingError, EOFError, ValueError, TypeError,
+               AttributeError, IndexError, OSError, UnicodeDecodeError, struct.error, RecursionError, OverflowError)
+
+
 class _Storage:
     """A storage of the archive: member `data/<key>`, element dtype."""
 
@@ -44,12 +50,21 @@ class _Storage:
         self.key, self.dtype = key, dtype
 
 
+class _StorageClass:
+    """What a pickled torch storage class name (e.g. torch.FloatStorage) resolves to: its dtype."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+
 class _Tensor:
-    """A tensor descriptor: its storage, offset (elements), size and stride."""
+    """A tensor descriptor: its storage, offset (elements), size and stride (none negative)."""
 
     def __init__(self, storage: _Storage, offset: int, size, stride):
         self.storage, self.offset = storage, int(offset)
         self.size, self.stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+        if self.offset < 0 or any(n < 0 for n in self.size + self.stride) or len(self.size) != len(self.stride):
+            raise _Unsupported("negative tensor geometry")
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
@@ -85,7 +100,7 @@ class _DescriptorUnpickler(pickle.Unpickler):
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
         if module == "torch" and name in self._storage_dtypes:
-            return ("storage-class", self._storage_dtypes[name])
+            return _StorageClass(self._storage_dtypes[name])
         raise _Unsupported(f"global {module}.{name}")
 
     def persistent_load(self, pid):
@@ -93,9 +108,9 @@ class _DescriptorUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise _Unsupported(f"persistent id {pid!r}")
         kind, key = pid[1], str(pid[2])
-        if not (isinstance(kind, tuple) and kind[0] == "storage-class"):
+        if not isinstance(kind, _StorageClass):  # only find_class makes these: a pickle cannot forge one
             raise _Unsupported("untyped storage")
-        return self._storages.setdefault(key, _Storage(key, kind[1]))
+        return self._storages.setdefault(key, _Storage(key, kind.dtype))
 
 
 def _data_offset(f, info: zipfile.ZipInfo) -> int:
@@ -151,8 +166,7 @@ def read_torch_zip(path: str | os.PathLike) -> object | None:
                     if info.compress_type != zipfile.ZIP_STORED:
                         return None
                     members[key] = (_data_offset(f, info), info.file_size)
-    except (_Unsupported, zipfile.BadZipFile, KeyError, pickle.UnpicklingError, EOFError, ValueError,
-            TypeError, AttributeError, IndexError, OSError, UnicodeDecodeError, struct.error):
+    except NOT_HANDLED:
         return None
 
     def entry(t: _Tensor) -> LazyEntry:
@@ -167,8 +181,11 @@ def read_torch_zip(path: str | os.PathLike) -> object | None:
         if isinstance(x, _Tensor):
             return entry(x).load()
         if isinstance(x, Mapping):
-            if x and all(isinstance(v, _Tensor) for v in x.values()):
-                return LazyStateDict({k: entry(v) for k, v in x.items()}, str(path))
+            tensors = {k: v for k, v in x.items() if isinstance(v, _Tensor)}
+            if tensors and not any(isinstance(v, (Mapping, list, tuple)) for v in x.values()):
+                # a state dict, maybe beside plain values ("epoch": 3), which loading ignores anyway:
+                # its tensors stay lazy (never the whole checkpoint in memory)
+                return LazyStateDict({k: entry(v) for k, v in tensors.items()}, str(path))
             return type(x)((k, convert(v)) for k, v in x.items()) if isinstance(x, dict) else x
         if isinstance(x, (list, tuple)):
             return type(x)(convert(v) for v in x)
@@ -176,5 +193,5 @@ def read_torch_zip(path: str | os.PathLike) -> object | None:
 
     try:
         return convert(obj)
-    except _Unsupported:
+    except NOT_HANDLED:
         return None

@@ -516,7 +516,7 @@ def checkpoint_coverage(src) -> Coverage:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     return coverage(expected, sd, {k: v for k, v in model.state_dict().items() if k.endswith("zero_k_bias")})
 
-def _quantized(sd: Mapping[str, torch.Tensor], key: str, bt, source: str, device: torch.device) -> torch.Tensor:
+def quantized_entry(sd: Mapping[str, torch.Tensor], key: str, bt, source: str, device: torch.device) -> torch.Tensor:
     """Checkpoint tensor `key` read, checked for NaN / inf as `materialize` checks every tensor
     (naming the file and key), and quantised to block type `bt` on `device`."""
     w = sd[key].to(device)
@@ -557,7 +557,7 @@ def _packed_state(sd: Mapping[str, torch.Tensor], layers: list[str], fmt: weight
         if key in stored:
             load = (lambda key=key: sd.packed(key))
         else:
-            load = functools.partial(_quantized, sd, key, bt, source, device)
+            load = functools.partial(quantized_entry, sd, key, bt, source, device)
         entries[f"{layer}.packed"] = LazyEntry(load, weights.packed_shape(shape, bt), torch.uint8)
     return LazyStateDict(entries, source)
 
@@ -606,8 +606,6 @@ def load_transformer(
         raise ValueError(f"blocks_on_cpu must be in 0..{cfg.depth} (the model's depth), got {blocks_on_cpu}")
     device = torch.device(device)
     block_dtype = resolve_dtype(dtype, device)
-    if fmt.quantized and block_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"{fmt.name} weights compute in bf16 / fp16 / fp32, got dtype={dtype}")
     with torch.device("meta"):
         model = Infinity(cfg)
     layers = [f"block_chunks.{n}" for n in weights.swap_in_quantized(model.block_chunks, fmt, block_dtype)]

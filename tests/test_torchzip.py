@@ -45,3 +45,63 @@ def test_anything_unusual_is_left_to_torch_load(tmp_path):
     torch.save({"w": torch.ones(1000)}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:2000])
     assert read_torch_zip(truncated) is None
+
+
+def test_a_state_dict_beside_plain_values_stays_lazy(tmp_path):
+    """{"w": tensor, ..., "epoch": 3} (a flat state dict with training leftovers) is not read whole:
+    its tensors stay lazy entries (what loading uses; the plain values are ignored there)."""
+    path = tmp_path / "flat.pth"
+    sd = {"w": torch.randn(4, 4), "b": torch.randn(4)}
+    torch.save({**sd, "epoch": 3, "name": "run-1"}, path)
+    lazy = read_torch_zip(path)
+    assert isinstance(lazy, LazyStateDict) and set(lazy) == set(sd)
+    assert all(torch.equal(lazy[k], v) for k, v in sd.items())
+
+
+def test_forged_storage_kinds_and_negative_geometry_are_left_to_torch_load(tmp_path):
+    """A pickle can build any tuple, but only find_class makes a storage class; negative sizes,
+    strides or offsets are refused before any read. Both fall back to torch.load (None here)."""
+    import io
+    import zipfile
+
+    def archive(name: str, pkl: bytes) -> object:
+        path = tmp_path / name
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+            zf.writestr("ck/data.pkl", pkl)
+            zf.writestr("ck/data/0", bytes(64))
+        return read_torch_zip(path)
+
+    class Forged:  # persistent id whose "storage class" is a plain tuple
+        def __reduce__(self):
+            return (tuple, ((("storage-class", "not a dtype")),))
+
+    class P(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", ("storage-class", "float"), "0", "cpu", 4) if isinstance(obj, Forged) else None
+
+    buf = io.BytesIO()
+    P(buf, protocol=2).dump({"w": Forged()})
+    assert archive("forged.pth", buf.getvalue()) is None
+    class Neg:
+        def __reduce__(self):
+            return (torch._utils._rebuild_tensor_v2, (Storage(), 0, (-4,), (1,), False, None))
+
+    class Storage:
+        pass
+
+    class PN(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", 4) if isinstance(obj, Storage) else None
+
+    buf = io.BytesIO()
+    PN(buf, protocol=2).dump({"w": Neg()})
+    assert archive("negative.pth", buf.getvalue()) is None
+
+    class Pos(Neg):  # control: the same archive with a valid size is read (so the Nones above are the checks)
+        def __reduce__(self):
+            return (torch._utils._rebuild_tensor_v2, (Storage(), 0, (4,), (1,), False, None))
+
+    buf = io.BytesIO()
+    PN(buf, protocol=2).dump({"w": Pos()})
+    read = archive("valid.pth", buf.getvalue())
+    assert isinstance(read, LazyStateDict) and torch.equal(read["w"], torch.zeros(4))

@@ -334,3 +334,23 @@ def test_cli_and_folder_job_pick_the_formats_gguf_and_key_the_job_by_format(tmp_
     files = {"transformer": tmp_path / "nsarm" / "NSARM.safetensors"}
     keys = {fmt: job_key(job_params({}, 1, "auto", files, fmt)) for fmt in ("dense", "q8_0", "fp8", "q8_0_mixed")}
     assert keys["fp8"] == keys["q8_0"] and len({keys["dense"], keys["q8_0"], keys["q8_0_mixed"]}) == 3
+
+
+def test_convert_refuses_non_finite_weights_naming_the_key(tmp_path: Path):
+    """convert checks every tensor it writes as loading does: NaN in a weight it quantises, or in one
+    it writes dense, is a CheckpointError naming the file and the key, and no output is left."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.clone() for k, v in read_checkpoint(CKPT).items()}
+    for key, fmt, suffix in (("block_chunks.0.module.0.ffn.fc1.weight", "q8_0", ".gguf"),
+                             ("block_chunks.0.module.0.ffn.fc1.weight", "bf16", ".safetensors"),
+                             ("head.weight", "q8_0", ".gguf")):
+        bad = dict(sd)
+        bad[key] = sd[key].clone()
+        bad[key].view(-1)[3] = float("nan")
+        src = tmp_path / f"bad_{fmt}.safetensors"
+        save_file(bad, str(src))
+        out = tmp_path / f"out_{fmt}{suffix}"
+        with pytest.raises(CheckpointError, match=rf"bad_{fmt}.safetensors: tensor {key} of the transformer holds 1 NaN"):
+            convert_checkpoint(src, out, fmt)
+        assert not out.exists() and not list(tmp_path.glob(f".out_{fmt}*"))
