@@ -181,11 +181,8 @@ def read_torch_zip(path: str | os.PathLike) -> object | None:
         if isinstance(x, _Tensor):
             return entry(x).load()
         if isinstance(x, Mapping):
-            tensors = {k: v for k, v in x.items() if isinstance(v, _Tensor)}
-            if tensors and not any(isinstance(v, (Mapping, list, tuple)) for v in x.values()):
-                # a state dict, maybe beside plain values ("epoch": 3), which loading ignores anyway:
-                # its tensors stay lazy (never the whole checkpoint in memory)
-                return LazyStateDict({k: entry(v) for k, v in tensors.items()}, str(path))
+            if x and all(isinstance(v, _Tensor) for v in x.values()):
+                return LazyStateDict({k: entry(v) for k, v in x.items()}, str(path))
             return type(x)((k, convert(v)) for k, v in x.items()) if isinstance(x, dict) else x
         if isinstance(x, (list, tuple)):
             return type(x)(convert(v) for v in x)

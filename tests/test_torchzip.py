@@ -47,17 +47,6 @@ def test_anything_unusual_is_left_to_torch_load(tmp_path):
     assert read_torch_zip(truncated) is None
 
 
-def test_a_state_dict_beside_plain_values_stays_lazy(tmp_path):
-    """{"w": tensor, ..., "epoch": 3} (a flat state dict with training leftovers) is not read whole:
-    its tensors stay lazy entries (what loading uses; the plain values are ignored there)."""
-    path = tmp_path / "flat.pth"
-    sd = {"w": torch.randn(4, 4), "b": torch.randn(4)}
-    torch.save({**sd, "epoch": 3, "name": "run-1"}, path)
-    lazy = read_torch_zip(path)
-    assert isinstance(lazy, LazyStateDict) and set(lazy) == set(sd)
-    assert all(torch.equal(lazy[k], v) for k, v in sd.items())
-
-
 def test_forged_storage_kinds_and_negative_geometry_are_left_to_torch_load(tmp_path):
     """A pickle can build any tuple, but only find_class makes a storage class; negative sizes,
     strides or offsets are refused before any read. Both fall back to torch.load (None here)."""
