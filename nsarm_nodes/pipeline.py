@@ -87,19 +87,21 @@ def gguf_name(weight_format: str) -> str:
     return f"NSARM_{format_named(weight_format).name}.gguf"
 
 
-def find_weight(models_dir: Path, spec: WeightFile, weight_format: str = "dense") -> Path | None:
-    """The first accepted file of `spec` under `models_dir`; for the transformer with a block
-    `weight_format`, its pre-quantised NSARM_<format>.gguf comes first (no quantising at load)."""
+def present_weights(models_dir: Path, spec: WeightFile, weight_format: str = "dense") -> list[Path]:
+    """Every accepted file of `spec` under `models_dir`, the one loaded first; for the transformer
+    with a block `weight_format`, its pre-quantised NSARM_<format>.gguf leads (no quantising at load)."""
     from .weights import weight_format as format_named
 
     names = spec.names
     if spec.role == "transformer" and format_named(weight_format).quantized:
         names = (gguf_name(weight_format),) + names
-    for name in names:
-        for base in (models_dir / spec.subdir, models_dir):
-            if (base / name).exists():
-                return base / name
-    return None
+    return [base / name for name in names for base in (models_dir / spec.subdir, models_dir) if (base / name).exists()]
+
+
+def find_weight(models_dir: Path, spec: WeightFile, weight_format: str = "dense") -> Path | None:
+    """The file of `spec` that loads (`present_weights`' first), or None."""
+    found = present_weights(models_dir, spec, weight_format)
+    return found[0] if found else None
 
 
 def missing_models_message(models_dir: Path, roles: Sequence[str]) -> str:
@@ -142,11 +144,11 @@ def check_models(models_dir: str | os.PathLike) -> tuple[str, bool]:
     root = Path(models_dir)
     rows, missing, ok = [], [], True
     for spec in WEIGHTS:
-        found = [base / name for name in spec.names for base in (root / spec.subdir, root) if (base / name).exists()]
+        found = present_weights(root, spec)
         if not found:
             missing.append(spec.role)
             continue
-        for i, path in enumerate(found):  # the first is the one loaded (find_weight's order)
+        for i, path in enumerate(found):  # the first is the one loaded
             if path.is_dir():
                 size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
                 fmt = "folder"
